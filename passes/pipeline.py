@@ -1,0 +1,36 @@
+"""The PRAC graph pipeline: named passes run in order over one Dynamo graph.
+
+``PIPELINE`` is the list; ``run(gm, policy)`` runs it on ``gm`` (edited in place: pass a copy) and
+returns the ``GraphState`` with the sites, groups and one ``PassResult`` per pass. Each result
+records the nodes the pass created and erased, measured from the graph itself.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch.fx
+
+from passes import grouping, rewrite, sites
+from passes.graph_state import GraphState, PassFn, SitePolicy
+
+log = logging.getLogger("prac_fx.passes")
+
+PIPELINE: list[tuple[str, PassFn]] = [
+    ("find_sites", sites.run),
+    ("group_sites", grouping.run),
+    ("rewrite_sites", rewrite.run),
+]
+
+
+def run(gm: torch.fx.GraphModule, policy: SitePolicy) -> GraphState:
+    state = GraphState(gm)
+    for name, fn in PIPELINE:
+        before = {n.name for n in gm.graph.nodes}
+        result = fn(state, policy)
+        after = {n.name for n in gm.graph.nodes}
+        result.name = name
+        result.nodes_created = len(after - before)
+        result.nodes_erased = len(before - after)
+        state.results.append(result)
+        log.debug("pass %s: %s", name, result)
+    return state

@@ -1,0 +1,54 @@
+"""The probe graph: measure the activations that a basis refresh needs.
+
+``build(gm, input_nodes)`` returns a copy of the (unrewritten) Dynamo graph whose output is the
+tuple of Gram matrices ``x2d^T x2d`` (n, n), float32, one per requested input node, with
+everything that does not feed them removed and grad-mode switches dropped, so it runs as a
+no-grad forward. A refresh runs it on the step's real arguments, takes the top eigenvectors of
+each Gram matrix as the new principal basis Q1 (the top right singular vectors of x), and then
+runs the training step itself with the new basis: the basis is always fitted to the micro-batch
+it compresses, as in PRAC.
+
+``clone(gm)`` copies a Dynamo graph module with its placeholders' sources, so that passes can
+edit the copy while Dynamo keeps its own.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+
+from passes.ops import gram
+
+_GRAD_MODE = {torch._C._set_grad_enabled}
+
+
+def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    for old, new in val_map.items():
+        if old.op == "placeholder":
+            new._dynamo_source = getattr(old, "_dynamo_source", None)
+    return torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
+
+
+def build(gm: torch.fx.GraphModule, input_nodes: list[str]) -> torch.fx.GraphModule:
+    probe = clone(gm)
+    graph = probe.graph
+    nodes = {n.name: n for n in graph.nodes}
+    output = next(n for n in graph.nodes if n.op == "output")
+    grams = []
+    for name in input_nodes:
+        with graph.inserting_before(output):
+            grams.append(graph.call_function(gram, (nodes[name],)))
+    output.args = (tuple(grams),)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _GRAD_MODE:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    probe.recompile()
+    return probe

@@ -1,0 +1,176 @@
+"""find_sites: classify the nodes of a Dynamo (torch IR) graph that the PRAC rewrite may touch.
+
+Matches
+-------
+- ``F.linear`` / ``torch._C._nn.linear`` (``kind="linear"``, weight ``(m, n)``);
+- ``torch.addmm(bias, x, W)`` with ``beta == alpha == 1`` (``kind="addmm"``, GPT-2's Conv1D,
+  weight ``(n, m)``);
+- ``torch.matmul`` / ``operator.matmul`` / ``torch.mm`` / ``Tensor.matmul`` with the trained
+  parameter on the right (``kind="matmul"``, weight ``(n, m)``).
+
+A site is a candidate when its weight is a graph input that requires grad (a trained parameter,
+tied or not), 2-D and floating point, and its input has at least two dimensions. Candidates the
+site filter rejects, or whose width n is below the rank, are skipped with that reason.
+
+Attention ops (SDPA, flash/efficient attention) and element-wise nonlinear ops are recorded as
+skipped (``attention`` / ``nonlinear``) and never touched: compressing the input of a nonlinear
+operator biases its gradient (arXiv 2605.01255), and attention keeps its own saved tensors. A
+matmul of two activations (attention scores in eager attention) is skipped as ``no trainable
+weight``.
+
+Does not change the graph.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+
+from passes.graph_state import GraphState, PassResult, Site, SitePolicy
+
+_LINEAR = {torch._C._nn.linear, F.linear}
+_ADDMM = {torch.addmm}
+_MATMUL = {torch.matmul, operator.matmul, torch.mm}
+_MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
+
+_ATTENTION = {F.scaled_dot_product_attention}
+for _name in (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+):
+    _op = getattr(torch.ops.aten, _name, None)
+    if _op is not None:
+        _ATTENTION.add(_op)
+        _ATTENTION.add(_op.default)
+
+_NONLINEAR = {
+    F.gelu, F.silu, F.relu, F.tanh, F.sigmoid, F.softmax, F.layer_norm, F.rms_norm, F.mish,
+    torch._C._nn.gelu, torch._C._nn.silu, torch.tanh, torch.sigmoid, torch.relu, torch.softmax,
+    torch.rsqrt, torch.exp, torch.layer_norm, F.dropout, F.elu, F.leaky_relu, torch.erf,
+}
+_NONLINEAR_METHODS = {"tanh", "sigmoid", "relu", "softmax", "rsqrt", "exp", "pow", "erf"}
+
+_PATH_TOKEN = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def param_path(node: torch.fx.Node) -> str:
+    """Dotted path of a Dynamo graph input: ``"model.layers.0.q_proj.weight"``, or ``""``."""
+    source = getattr(node, "_dynamo_source", None)
+    if source is None:
+        return ""
+    name = source.name() if callable(source.name) else source.name
+    head = re.match(r"^L\['[^']*'\]", name)
+    if head is None:
+        return ""
+    parts = [a or b or c for a, b, c in _PATH_TOKEN.findall(name[head.end():])]
+    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
+
+
+def _val(node):
+    if isinstance(node, torch.fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return None
+
+
+def _is_trained_weight(node) -> bool:
+    v = _val(node)
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "placeholder"
+        and isinstance(v, torch.Tensor)
+        and v.requires_grad
+        and v.dim() == 2
+        and v.is_floating_point()
+    )
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def match(node: torch.fx.Node):
+    """(kind, x, weight, bias) for a linear-like node, else None. Does not check the weight."""
+    if node.op == "call_function" and node.target in _LINEAR:
+        return "linear", _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    if node.op == "call_function" and node.target in _ADDMM:
+        if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+            return "unsupported", None, None, None
+        return "addmm", _arg(node, 1, "mat1"), _arg(node, 2, "mat2"), _arg(node, 0, "input")
+    if (node.op == "call_function" and node.target in _MATMUL) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS
+    ):
+        return "matmul", node.args[0], node.args[1], None
+    return None
+
+
+def _classify_other(node: torch.fx.Node) -> str | None:
+    if node.op == "call_function" and node.target in _ATTENTION:
+        return "attention"
+    if (node.op == "call_function" and node.target in _NONLINEAR) or (
+        node.op == "call_method" and node.target in _NONLINEAR_METHODS
+    ):
+        return "nonlinear"
+    return None
+
+
+def run(state: GraphState, policy: SitePolicy) -> PassResult:
+    result = PassResult("find_sites")
+    sites: list[Site] = []
+    for node in state.gm.graph.nodes:
+        m = match(node)
+        if m is None:
+            other = _classify_other(node)
+            if other is not None:
+                sites.append(Site(node=node.name, kind=other, reason=other))
+            continue
+        kind, x, weight, bias = m
+        site = Site(node=node.name, kind=kind)
+        sites.append(site)
+        if kind == "unsupported":
+            site.reason = "unsupported pattern"
+            continue
+        if not _is_trained_weight(weight):
+            # A parameter on the left of a matmul is a pattern this pass does not rewrite.
+            site.reason = (
+                "unsupported pattern" if kind == "matmul" and _is_trained_weight(x)
+                else "no trainable weight"
+            )
+            continue
+        x_val = _val(x)
+        if not isinstance(x_val, torch.Tensor) or x_val.dim() < 2 or not x_val.is_floating_point():
+            site.reason = "unsupported pattern"
+            continue
+        if bias is not None and not isinstance(bias, torch.fx.Node):
+            site.reason = "unsupported pattern"
+            continue
+        w_val = _val(weight)
+        site.weight = param_path(weight) or weight.name
+        site.module = site.weight.rsplit(".", 1)[0] if "." in site.weight else site.weight
+        site.input_node = x.name
+        site.n, site.m = (w_val.shape[1], w_val.shape[0]) if kind == "linear" else tuple(w_val.shape)
+        site.n, site.m = int(site.n), int(site.m)
+        if not policy.include(site.module):
+            site.reason = "filtered"
+            continue
+        ranks = policy.ranks(site.n)
+        if ranks is None:
+            site.reason = "too narrow for the rank"
+            continue
+        site.r1, site.r2 = ranks
+        site.reason = None
+        site.status = "candidate"
+        result.sites_matched += 1
+    state.sites = sites
+    skipped = {}
+    for s in sites:
+        if s.reason:
+            skipped[s.reason] = skipped.get(s.reason, 0) + 1
+    result.notes = [f"skipped {k}: {v}" for k, v in sorted(skipped.items())]
+    return result

@@ -1,0 +1,22 @@
+"""prac_fx: a torch.compile backend that saves PRAC-compressed activations for linear layers and
+computes their weight gradients in factored form.
+
+    import prac_fx
+    model = torch.compile(model, backend=prac_fx.backend(rank=0.25))
+"""
+from prac_fx.backend import PracBackend, backend, prac_backend
+from prac_fx.config import PracConfig
+from prac_fx.report import Report
+
+__all__ = ["PracBackend", "PracConfig", "Report", "backend", "prac_backend"]
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "prac" not in _BACKENDS or _BACKENDS["prac"] is None:
+        register_backend(name="prac", compiler_fn=prac_backend)
+
+
+_register()

@@ -1,0 +1,144 @@
+"""The torch.compile backend: rewrite each Dynamo graph with the PRAC passes, compile it with
+Inductor, and return a runner that feeds it the bases.
+
+``torch.compile(model, backend=prac_fx.backend(rank=0.25))`` gives the model its own backend and
+basis store; ``backend="prac"`` uses one process-wide backend with the default configuration.
+
+Graphs compiled with grad disabled (``torch.no_grad()``, inference) go to Inductor unchanged:
+inference is exact and does no extra work. A graph the passes fail on falls back to plain
+Inductor with a logged reason instead of stopping training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Sequence
+
+import torch
+import torch.fx
+
+import passes
+from passes import probe as probe_graph
+from passes.graph_state import Group, Site
+from prac_fx.basis import BasisStore
+from prac_fx.config import PracConfig
+from prac_fx.report import GraphRecord, Report, placement
+from prac_fx.runner import PracRunner
+
+log = logging.getLogger("prac_fx")
+
+
+def _inductor(gm, example_inputs, inner_compile=None):
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    return compile_fx(gm, list(example_inputs), inner_compile=inner_compile or compile_fx_inner)
+
+
+class PracBackend:
+    """A torch.compile backend with its own configuration and basis store.
+
+    Attributes:
+        config: the ``PracConfig``.
+        store: the ``BasisStore`` (bases, call counters, random generator).
+        graphs: one ``GraphRecord`` per graph compiled, in order.
+    """
+
+    def __init__(self, config: PracConfig | None = None, *, compiler: str = "inductor"):
+        if compiler not in ("inductor", "eager"):
+            raise ValueError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
+        self.config = config or PracConfig()
+        self.compiler = compiler
+        self.store = BasisStore(self.config)
+        self.graphs: list[GraphRecord] = []
+
+    # -- the backend protocol -------------------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
+        record = GraphRecord(index=len(self.graphs), training=torch.is_grad_enabled())
+        self.graphs.append(record)
+        if not record.training:
+            record.note = "grad disabled: compiled unchanged"
+            return self._compile(gm, example_inputs, record)
+        try:
+            work = probe_graph.clone(gm)
+            state = passes.run(work, self.config)
+        except Exception as err:  # never stop training on a graph the passes cannot handle
+            log.warning("prac_fx: graph %d left unchanged (%s: %s)", record.index, type(err).__name__, err)
+            record.note = f"fallback: {type(err).__name__}: {err}"
+            return self._compile(gm, example_inputs, record)
+        record.sites, record.groups, record.passes = state.sites, state.groups, state.results
+        log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
+                 record.index, record.matched, record.rewritten, len(state.groups))
+        if not state.groups:
+            record.note = "no linear site to compress"
+            return self._compile(gm, example_inputs, record)
+
+        devices = []
+        by_name = {n.name: n for n in gm.graph.nodes}
+        for group in state.groups:
+            val = by_name[group.input_node].meta.get("example_value")
+            device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
+            devices.append(device)
+            self.store.register(group.key, group.n, group.r1, group.r2, device)
+        examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
+        compiled = self._compile(work, [*example_inputs, *examples], record)
+        probe = None
+        if any(g.r1 > 0 for g in state.groups):
+            probe = probe_graph.build(gm, [g.input_node for g in state.groups])
+        return PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str))
+
+    def _compile(self, gm, example_inputs, record: GraphRecord):
+        if self.compiler == "eager":
+            from torch._dynamo.backends.common import aot_autograd
+            from torch._dynamo.backends.debugging import boxed_nop
+
+            def keep(g, ex, is_backward=False):
+                record.capture(g, is_backward, n_bases=len(record.groups))
+                return boxed_nop(g, ex)
+
+            fw = lambda g, ex: keep(g, ex, False)  # noqa: E731
+            bw = lambda g, ex: keep(g, ex, True)  # noqa: E731
+            return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, list(example_inputs))
+
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        def inner(g, ex, *args, **kwargs):
+            record.capture(g, kwargs.get("is_backward", False), n_bases=len(record.groups))
+            return compile_fx_inner(g, ex, *args, **kwargs)
+
+        return _inductor(gm, example_inputs, inner)
+
+    # -- introspection --------------------------------------------------------------------------
+    def report(self) -> Report:
+        return Report(self.graphs)
+
+    def state_dict(self) -> dict:
+        return {"config": dataclasses.asdict(self.config) | {"site_filter": None},
+                "store": self.store.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.store.load_state_dict(state["store"])
+
+
+def backend(*, rank: int | float = 0.25, compiler: str = "inductor", **options) -> PracBackend:
+    """A PRAC torch.compile backend: ``torch.compile(model, backend=prac_fx.backend(rank=0.25))``.
+
+    Keyword arguments are the fields of ``PracConfig`` (``rank``, ``split``, ``refresh_every``,
+    ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``); ``compiler="eager"``
+    runs the rewritten graph through AOTAutograd without Inductor (for debugging).
+    """
+    unknown = set(options) - {f.name for f in dataclasses.fields(PracConfig)}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; allowed: "
+                         f"{[f.name for f in dataclasses.fields(PracConfig)]}")
+    return PracBackend(PracConfig(rank=rank, **options), compiler=compiler)
+
+
+_default: PracBackend | None = None
+
+
+def prac_backend(gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
+    """The backend registered as ``"prac"``: one process-wide ``PracBackend()`` with defaults."""
+    global _default
+    if _default is None:
+        _default = PracBackend()
+    return _default(gm, example_inputs)

@@ -1,0 +1,158 @@
+"""The basis store: one basis P = [Q1, sqrt(k) Q2] per input group, shared by every graph that
+reads that group (recompiles for new shapes find the same bases under the same key).
+
+- Q1 (n, r1): the top-r1 eigenvectors of the Gram matrix x^T x of the group's activation, i.e.
+  the top right singular vectors of x, refitted every ``refresh_every`` training calls.
+- Q2 (n, r2): a Gaussian draw projected onto the orthogonal complement of Q1 and orthonormalised
+  by QR with sign correction, hence Haar-distributed in the complement:
+  E[Q2 Q2^T] = r2 / (n - r1) (I - Q1 Q1^T). Redrawn every ``resample_every`` calls and at every
+  refresh.
+- k = (n - r1) / r2 makes E[P P^T] = I, so x P P^T is an unbiased reconstruction of x with the
+  least variance among such schemes (PRAC, arXiv 2602.23111).
+
+Every update builds new tensors and rebinds them: a basis handed to a forward is never written
+to, so its backward sees the same basis. Random draws come from the store's own seeded CPU
+generator, outside any compiled graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+
+from prac_fx.config import PracConfig
+
+log = logging.getLogger("prac_fx")
+
+
+@dataclasses.dataclass
+class GroupBasis:
+    n: int
+    r1: int
+    r2: int
+    device: torch.device
+    q1: torch.Tensor | None = None  # (n, r1) float32, on CPU
+    q2: torch.Tensor | None = None  # (n, r2) float32, on CPU
+    basis: torch.Tensor | None = None  # (n, r1 + r2) float32, on ``device``
+    calls: int = 0
+    refreshes: int = 0
+    resamples: int = 0
+
+
+class BasisStore:
+    def __init__(self, config: PracConfig):
+        self.config = config
+        self.groups: dict[str, GroupBasis] = {}
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(config.seed)
+        self._warned: set[str] = set()
+
+    def register(self, key: str, n: int, r1: int, r2: int, device) -> GroupBasis:
+        device = torch.device(device)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = GroupBasis(n, r1, r2, device)
+        elif (group.n, group.r1, group.r2) != (n, r1, r2):
+            raise ValueError(
+                f"group {key!r} was registered with (n, r1, r2) = {(group.n, group.r1, group.r2)} "
+                f"and is now seen with {(n, r1, r2)}"
+            )
+        elif group.device != device:  # loaded from a checkpoint before the graph was compiled
+            group.device = device
+            if group.basis is not None:
+                group.basis = group.basis.to(device).contiguous()
+        return group
+
+    # -- when -----------------------------------------------------------------------------------
+    def due_refresh(self, key: str) -> bool:
+        g = self.groups[key]
+        return g.r1 > 0 and (g.q1 is None or g.calls % self.config.refresh_every == 0)
+
+    def due_resample(self, key: str) -> bool:
+        g = self.groups[key]
+        return g.basis is None or (g.r2 > 0 and g.calls % self.config.resample_every == 0)
+
+    # -- what -----------------------------------------------------------------------------------
+    def refresh(self, key: str, gram: torch.Tensor | None) -> None:
+        """Refit Q1 to a Gram matrix (n, n); a non-finite or failed one keeps the old Q1."""
+        g = self.groups[key]
+        q1 = None
+        if gram is not None:
+            gram = gram.detach().to("cpu", torch.float64)
+            if torch.isfinite(gram).all():
+                try:
+                    _, vecs = torch.linalg.eigh(gram)
+                    q1 = vecs[:, -g.r1:].flip(-1).float().contiguous()  # descending
+                except RuntimeError as err:  # eigh failed to converge
+                    self._warn_once(key, f"basis refresh of {key!r} failed ({err}); keeping the previous basis")
+            else:
+                self._warn_once(key, f"activation of {key!r} has NaN/Inf at a refresh; keeping the previous basis")
+        if q1 is None and g.q1 is None:
+            # No usable activation yet: any orthonormal Q1 keeps P unbiased; draw one.
+            q1 = self._orthonormal(torch.randn(g.n, g.r1, generator=self.generator, dtype=torch.float64))
+        if q1 is not None:
+            g.q1 = q1
+            g.refreshes += 1
+        self.resample(key)
+
+    def resample(self, key: str) -> None:
+        g = self.groups[key]
+        parts = [] if g.q1 is None else [g.q1]
+        if g.r2 > 0:
+            q1 = None if g.q1 is None else g.q1.double()
+            draw = torch.randn(g.n, g.r2, generator=self.generator, dtype=torch.float64)
+            for _ in range(2):  # project twice: one pass leaves O(eps * cond) leakage into Q1
+                if q1 is not None:
+                    draw = draw - q1 @ (q1.t() @ draw)
+            q2 = self._orthonormal(draw)
+            scale = self.config.complement_scale
+            k = (g.n - g.r1) / g.r2 if scale is None else float(scale)
+            g.q2 = q2.float()
+            parts.append((math.sqrt(k) * q2).float())
+        g.basis = torch.cat(parts, dim=1).to(g.device).contiguous()
+        g.resamples += 1
+
+    @staticmethod
+    def _orthonormal(a: torch.Tensor) -> torch.Tensor:
+        q, r = torch.linalg.qr(a)
+        signs = torch.sign(torch.diagonal(r))
+        signs[signs == 0] = 1
+        return (q * signs).float()  # sign fix makes Q Haar-distributed
+
+    def basis(self, key: str) -> torch.Tensor:
+        return self.groups[key].basis
+
+    def advance(self, key: str) -> None:
+        self.groups[key].calls += 1
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.get_state(),
+            "groups": {
+                key: {
+                    "n": g.n, "r1": g.r1, "r2": g.r2, "calls": g.calls,
+                    "refreshes": g.refreshes, "resamples": g.resamples,
+                    "q1": g.q1, "q2": g.q2,
+                    "basis": None if g.basis is None else g.basis.cpu(),
+                }
+                for key, g in self.groups.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        for key, s in state["groups"].items():
+            g = self.groups.get(key)
+            device = g.device if g is not None else torch.device("cpu")
+            g = self.groups[key] = GroupBasis(s["n"], s["r1"], s["r2"], device)
+            g.calls, g.refreshes, g.resamples = s["calls"], s["refreshes"], s["resamples"]
+            g.q1, g.q2 = s["q1"], s["q2"]
+            g.basis = None if s["basis"] is None else s["basis"].to(device).contiguous()

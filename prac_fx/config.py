@@ -1,0 +1,97 @@
+"""Configuration of the PRAC backend."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Callable
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class PracConfig:
+    """How the backend compresses the inputs of linear layers.
+
+    Args:
+        rank: columns of the basis P per input group. An ``int`` >= 1 is a column count; a
+            ``float`` in (0, 1] is a fraction of the input width n (rounded, at least 1).
+            ``1.0`` keeps every direction (exact gradients, for testing). A site whose width
+            is below an integer rank is left exact and reported as "too narrow for the rank".
+        split: how the rank divides into the principal part r1 and the random part r2. A
+            ``float`` in [0, 1] is the principal fraction (``0.5``: r1 = r2, the paper's
+            default; ``0.0``: random only; ``1.0``: principal only, which is biased); an
+            ``int`` is r1 itself and then needs an integer ``rank`` it does not exceed.
+        refresh_every: T1, training calls between refits of the principal basis Q1 to the
+            current activation (paper: 500 for pre-training, 200 for fine-tuning).
+        resample_every: T2, training calls between fresh draws of the random complement Q2.
+        seed: seeds the generator of every random draw, which runs outside the graph.
+        site_filter: ``(module_path) -> bool``; only sites for which it returns True are
+            compressed, e.g. ``lambda fqn: "lm_head" not in fqn``. None compresses all.
+        complement_scale: the factor k on the random part (P = [Q1, sqrt(k) Q2]). None uses
+            the unbiased, minimum-variance k = (n - r1) / r2 (PRAC, arXiv 2602.23111); other
+            values exist for ablations and make the weight gradient biased.
+    """
+
+    rank: int | float = 0.25
+    split: int | float = 0.5
+    refresh_every: int = 500
+    resample_every: int = 50
+    seed: int = 0
+    site_filter: Callable[[str], bool] | None = None
+    complement_scale: float | None = None
+
+    def __post_init__(self):
+        rank, split = self.rank, self.split
+        if not _is_number(rank):
+            raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+        if isinstance(rank, numbers.Integral):
+            if rank < 1:
+                raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+        elif not 0.0 < rank <= 1.0:
+            raise ValueError(
+                f"rank as a float is a fraction of the input width and must lie in (0, 1], "
+                f"got {rank!r}; pass an int for a column count"
+            )
+        if not _is_number(split):
+            raise ValueError(f"split must be an int >= 0 or a float in [0, 1], got {split!r}")
+        if isinstance(split, numbers.Integral):
+            if split < 0:
+                raise ValueError(f"split as an int is r1 and must be >= 0, got {split!r}")
+            if not isinstance(rank, numbers.Integral):
+                raise ValueError(
+                    f"an integer split (r1 = {split}) needs an integer rank, got rank={rank!r}; "
+                    "use a float split in [0, 1] with a fractional rank"
+                )
+            if split > rank:
+                raise ValueError(f"split (r1 = {split}) must not exceed rank ({rank})")
+        elif not 0.0 <= split <= 1.0:
+            raise ValueError(f"split as a float is the principal fraction, in [0, 1]; got {split!r}")
+        for name in ("refresh_every", "resample_every"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1 (training calls), got {value!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.site_filter is not None and not callable(self.site_filter):
+            raise ValueError(f"site_filter must be callable (module_path) -> bool or None, got {self.site_filter!r}")
+        if self.complement_scale is not None and (
+            not _is_number(self.complement_scale) or self.complement_scale <= 0
+        ):
+            raise ValueError(f"complement_scale must be a positive number or None, got {self.complement_scale!r}")
+
+    # -- the SitePolicy the passes read ---------------------------------------------------------
+    def ranks(self, n: int) -> tuple[int, int] | None:
+        """(r1, r2) for an input of width ``n``; None when ``n`` is below an integer rank."""
+        if isinstance(self.rank, numbers.Integral):
+            if self.rank > n:
+                return None
+            r = int(self.rank)
+        else:
+            r = min(n, max(1, round(self.rank * n)))
+        r1 = int(self.split) if isinstance(self.split, numbers.Integral) else round(self.split * r)
+        return r1, r - r1
+
+    def include(self, module_path: str) -> bool:
+        return True if self.site_filter is None else bool(self.site_filter(module_path))

@@ -1,0 +1,69 @@
+"""The callable the backend hands back to Dynamo for one rewritten graph.
+
+Per training call it (1) refits the principal basis of every group that is due, by running the
+probe graph (a no-grad forward that returns Gram matrices, with the RNG state restored after, so
+dropout masks are the same as without the probe); (2) redraws random complements that are due;
+(3) calls the compiled graph with the bases appended to the arguments; (4) counts the call.
+A basis is only ever replaced by a new tensor, never written in place, so the saved copy a
+backward reads always belongs to the basis its forward used.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+from passes.graph_state import Group
+from prac_fx.basis import BasisStore
+
+log = logging.getLogger("prac_fx")
+
+
+def call_compiled(fn: Callable, args: list):
+    # What a backend returns to Dynamo is called unboxed (``fn(*args)``), whatever its
+    # ``_boxed_call`` attribute says (aot_module_simplified copies that from the inner function).
+    return fn(*args)
+
+
+class PracRunner:
+    def __init__(self, compiled: Callable, probe: torch.fx.GraphModule | None,
+                 groups: Sequence[Group], store: BasisStore, devices: list[torch.device]):
+        self.compiled = compiled
+        self.probe = probe
+        self.groups = list(groups)
+        self.keys = [g.key for g in self.groups]
+        self.store = store
+        self.cuda_devices = [d for d in devices if d.type == "cuda"]
+        self.calls = 0
+
+    def _refresh(self, args: tuple, keys: list[str]) -> None:
+        with torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):
+            grams = self.probe(*args)
+        due = set(keys)
+        for key, gram in zip(self.keys, grams):
+            if key in due:
+                self.store.refresh(key, gram)
+        log.debug("refreshed %d bases", len(due))
+
+    def __call__(self, *args):
+        store = self.store
+        training = torch.is_grad_enabled()
+        if training:
+            due = [k for k in self.keys if store.due_refresh(k)]
+            if due:
+                self._refresh(args, due)
+            for key in self.keys:
+                if key not in due and store.due_resample(key):
+                    store.resample(key)
+        else:
+            for key in self.keys:
+                if store.basis(key) is None:
+                    store.refresh(key, None)
+        bases = [store.basis(k) for k in self.keys]
+        out = call_compiled(self.compiled, [*args, *bases])
+        if training:
+            for key in self.keys:
+                store.advance(key)
+            self.calls += 1
+        return out
