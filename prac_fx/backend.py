@@ -43,11 +43,13 @@ class PracBackend:
         graphs: one ``GraphRecord`` per graph compiled, in order.
     """
 
-    def __init__(self, config: PracConfig | None = None, *, compiler: str = "inductor"):
+    def __init__(self, config: PracConfig | None = None, *, compiler: str = "inductor",
+                 rewrite: bool = True):
         if compiler not in ("inductor", "eager"):
             raise ValueError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
         self.config = config or PracConfig()
         self.compiler = compiler
+        self.rewrite = rewrite  # False: compile unchanged but record (a baseline to compare with)
         self.store = BasisStore(self.config)
         self.graphs: list[GraphRecord] = []
 
@@ -55,8 +57,10 @@ class PracBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
         record = GraphRecord(index=len(self.graphs), training=torch.is_grad_enabled())
         self.graphs.append(record)
-        if not record.training:
-            record.note = "grad disabled: compiled unchanged"
+        record.dynamo_code = gm.print_readable(print_output=False, include_stride=False,
+                                               include_device=False)
+        if not record.training or not self.rewrite:
+            record.note = "grad disabled: compiled unchanged" if self.rewrite else "baseline"
             return self._compile(gm, example_inputs, record)
         try:
             work = probe_graph.clone(gm)
@@ -71,6 +75,8 @@ class PracBackend:
         if not state.groups:
             record.note = "no linear site to compress"
             return self._compile(gm, example_inputs, record)
+        record.rewritten_code = work.print_readable(print_output=False, include_stride=False,
+                                                    include_device=False)
 
         devices = []
         by_name = {n.name: n for n in gm.graph.nodes}
@@ -79,7 +85,12 @@ class PracBackend:
             device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
             devices.append(device)
             self.store.register(group.key, group.n, group.r1, group.r2, device)
-        examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
+        # The bases' example values are the static fake tensors the rewrite gave their
+        # placeholders: a real tensor here would be fakeified with symbolic sizes.
+        work_nodes = {n.name: n for n in work.graph.nodes}
+        examples = [work_nodes[g.basis_placeholder].meta.get("example_value") for g in state.groups]
+        if any(e is None for e in examples):
+            examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
         compiled = self._compile(work, [*example_inputs, *examples], record)
         probe = None
         if any(g.r1 > 0 for g in state.groups):

@@ -16,6 +16,23 @@ import torch.fx
 from passes.graph_state import Group, PassResult, Site
 
 _CASTS = {"convert_element_type", "_to_copy", "to"}
+_VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "alias"}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
+
+
+def _with_views(nodes: list[torch.fx.Node]) -> set[str]:
+    """Names of ``nodes`` and of every view taken of them (the partitioner may save a view)."""
+    names, todo = set(), list(nodes)
+    while todo:
+        node = todo.pop()
+        if node.name in names:
+            continue
+        names.add(node.name)
+        todo.extend(u for u in node.users if u.op == "call_function" and _op_name(u) in _VIEWS)
+    return names
 
 
 def _compress_nodes(graph: torch.fx.Graph, basis_names: list[str]) -> dict[str, list[torch.fx.Node]]:
@@ -41,8 +58,31 @@ def placement(forward: torch.fx.Graph, n_bases: int) -> tuple[list[str], list[st
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
     out_names = {o.name for o in outs if isinstance(o, torch.fx.Node)}
     found = _compress_nodes(forward, bases)
-    status = ["saved" if any(n.name in out_names for n in found[b]) else "not saved" for b in bases]
+    status = ["saved" if _with_views(found[b]) & out_names else "not saved" for b in bases]
     return bases, status, sorted(out_names)
+
+
+def _saved_inputs(backward: torch.fx.Graph, forward_ops: dict[str, str]) -> list[dict]:
+    """The backward graph's inputs other than the incoming gradients: what the forward saved."""
+    saved = []
+    for node in backward.nodes:
+        if node.op != "placeholder" or node.name.startswith("tangents"):
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            saved.append({"name": node.name, "shape": [], "dtype": type(val).__name__, "bytes": 0,
+                          "op": forward_ops.get(node.name, "placeholder")})
+            continue
+        shape = [int(d) if isinstance(d, int) or not hasattr(d, "node") else str(d) for d in val.shape]
+        numel = 1
+        for d in shape:
+            numel = numel * d if isinstance(d, int) else numel
+        saved.append({
+            "name": node.name, "shape": shape, "dtype": str(val.dtype).replace("torch.", ""),
+            "bytes": numel * val.element_size() if all(isinstance(d, int) for d in shape) else None,
+            "op": forward_ops.get(node.name, "placeholder"),
+        })
+    return saved
 
 
 @dataclasses.dataclass
@@ -55,10 +95,14 @@ class GraphRecord:
     groups: list[Group] = dataclasses.field(default_factory=list)
     passes: list[PassResult] = dataclasses.field(default_factory=list)
     note: str = ""
+    dynamo_code: str = ""  # the Dynamo graph as the backend received it
+    rewritten_code: str = ""  # the same graph after the passes ("" when unchanged)
     forward_code: str = ""
     backward_code: str = ""
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # group key -> status
+    saved: list[dict] = dataclasses.field(default_factory=list)  # what the forward keeps for backward
     _basis_names: list[str] = dataclasses.field(default_factory=list)
+    _forward_ops: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def matched(self) -> int:
@@ -72,12 +116,15 @@ class GraphRecord:
         code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
         if not is_backward:
             self.forward_code = code
+            self._forward_ops = {n.name: "input" if n.op == "placeholder" else _op_name(n)
+                                 for n in gm.graph.nodes}
             names, status, _ = placement(gm.graph, n_bases)
             self._basis_names = names
             for group, st in zip(self.groups, status):
                 self.placement[group.key] = st
         else:
             self.backward_code = code
+            self.saved = _saved_inputs(gm.graph, self._forward_ops)
             found = _compress_nodes(gm.graph, self._basis_names)
             for group, name in zip(self.groups, self._basis_names):
                 if self.placement.get(group.key) == "not saved" and found.get(name):

@@ -1,0 +1,64 @@
+import pytest
+
+from prac_fx import PracConfig, backend
+
+
+@pytest.mark.parametrize("rank, message", [
+    (0, "rank must be an int >= 1"),
+    (-3, "rank must be an int >= 1"),
+    (0.0, "must lie in (0, 1]"),
+    (1.5, "must lie in (0, 1]"),
+    ("16", "rank must be an int >= 1 or a float"),
+    (None, "rank must be an int >= 1 or a float"),
+    (True, "rank must be an int >= 1 or a float"),
+])
+def test_bad_rank(rank, message):
+    with pytest.raises(ValueError) as err:
+        PracConfig(rank=rank)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=16, split=32), "must not exceed rank"),
+    (dict(rank=0.5, split=4), "needs an integer rank"),
+    (dict(rank=16, split=1.5), "principal fraction, in [0, 1]"),
+    (dict(rank=16, split=-1), "must be >= 0"),
+    (dict(rank=16, split="half"), "split must be"),
+    (dict(refresh_every=0), "refresh_every must be an int >= 1"),
+    (dict(resample_every=2.5), "resample_every must be an int >= 1"),
+    (dict(seed="x"), "seed must be an int"),
+    (dict(site_filter=3), "site_filter must be callable"),
+    (dict(complement_scale=-1.0), "complement_scale must be a positive number"),
+])
+def test_bad_fields(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        PracConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_unknown_backend_option():
+    with pytest.raises(ValueError, match="unknown option"):
+        backend(rank=0.25, rnak=3)
+
+
+@pytest.mark.parametrize("rank, split, n, expected", [
+    (0.25, 0.5, 256, (32, 32)),
+    (1.0, 0.5, 64, (32, 32)),
+    (32, 0.5, 256, (16, 16)),
+    (32, 8, 256, (8, 24)),
+    (32, 0.0, 256, (0, 32)),
+    (32, 1.0, 256, (32, 0)),
+    (0.01, 0.5, 16, (0, 1)),  # at least one column
+])
+def test_ranks(rank, split, n, expected):
+    assert PracConfig(rank=rank, split=split).ranks(n) == expected
+
+
+def test_integer_rank_wider_than_site_is_too_narrow():
+    assert PracConfig(rank=64).ranks(32) is None
+
+
+def test_frozen():
+    config = PracConfig()
+    with pytest.raises(Exception):
+        config.rank = 3
