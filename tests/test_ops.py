@@ -32,7 +32,8 @@ CASES = [
 
 @pytest.mark.parametrize("kind, shape, bias", CASES)
 @pytest.mark.parametrize("full_rank", [True, False])
-def test_against_eager(kind, shape, bias, full_rank, seeded):    n, m = 16, 24
+def test_against_eager(kind, shape, bias, full_rank, seeded):
+    n, m = 16, 24
     x = torch.randn(*shape, n, requires_grad=True)
     w = torch.randn(m, n) if kind == "linear" else torch.randn(n, m)
     w.requires_grad_()
