@@ -1,0 +1,195 @@
+"""The backend end to end on a small MLP: the ladder, unbiasedness, basis lifetime, recompiles."""
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+
+import prac_fx
+from conftest import rel_err
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, n=32, hidden=64, out=16):
+        super().__init__()
+        self.up = torch.nn.Linear(n, hidden)
+        self.mid = torch.nn.Linear(hidden, n, bias=False)
+        self.down = torch.nn.Linear(n, out)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.up(x))
+        h = torch.relu(self.mid(h))
+        return self.down(h)
+
+
+def _grads(model, x, grad_out):
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(grad_out)
+    return out.detach(), x.grad, {k.removeprefix("_orig_mod."): p.grad.clone()
+                                  for k, p in model.named_parameters()}
+
+
+@pytest.fixture
+def mlp_case():
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 8, 32)
+    grad_out = torch.randn(4, 8, 16)
+    return model, x, grad_out, _grads(model, x, grad_out)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_full_rank_matches_eager(mlp_case, compiler):
+    """Ladder: eager -> aot_eager with the pass -> Inductor with the pass."""
+    torch._dynamo.reset()
+    model, x, grad_out, (ref_out, ref_gx, ref_g) = mlp_case
+    be = prac_fx.backend(rank=1.0, compiler=compiler)
+    compiled = torch.compile(model, backend=be, fullgraph=True)
+    out, gx, g = _grads(compiled, x, grad_out)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    for k in ref_g:
+        assert rel_err(g[k], ref_g[k]) < 1e-4, k
+    report = be.report()
+    assert (report.sites_matched, report.sites_rewritten) == (3, 3)
+    assert [r["status"] for r in report.rows(include_skipped=False)] == ["rewritten"] * 3
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_low_rank_forward_and_input_grad_exact(mlp_case, compiler):
+    torch._dynamo.reset()
+    model, x, grad_out, (ref_out, ref_gx, ref_g) = mlp_case
+    be = prac_fx.backend(rank=4, compiler=compiler)
+    out, gx, g = _grads(torch.compile(model, backend=be), x, grad_out)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    for k in ("up.bias", "down.bias"):
+        torch.testing.assert_close(g[k], ref_g[k])
+    assert rel_err(g["mid.weight"], ref_g["mid.weight"]) > 1e-3  # really compressed
+
+
+def _mean_grad_errors(model, x, grad_out, exact, calls, **options):
+    torch._dynamo.reset()
+    be = prac_fx.backend(rank=8, split=0.5, refresh_every=10**9, resample_every=1, seed=1,
+                         compiler="eager", **options)
+    compiled = torch.compile(model, backend=be)
+    total = {k: torch.zeros_like(v) for k, v in exact.items()}
+    errors = {}
+    for i in range(1, max(calls) + 1):
+        model.zero_grad()
+        compiled(x).backward(grad_out)
+        for k in total:
+            total[k] += getattr(model, k).weight.grad
+        if i in calls:
+            errors[i] = sum(rel_err(total[k] / i, exact[k]) for k in total) / len(total)
+    return errors
+
+
+def test_weight_gradient_unbiased(mlp_case):
+    """Mean over n calls -> exact gradient at the 1/sqrt(n) rate; a wrong scale does not."""
+    model, x, grad_out, (_, _, ref_g) = mlp_case
+    exact = {k: ref_g[f"{k}.weight"] for k in ("up", "mid", "down")}
+    n = 150
+    good = _mean_grad_errors(model, x, grad_out, exact, (n, 4 * n))
+    ratio = good[n] / good[4 * n]
+    print("unbiased", good)
+    assert 1.5 < ratio < 2.8, good  # 1/sqrt(n): error halves for 4x the calls
+    for scale in (1.0, "n/r"):
+        k = 32 / 8 if scale == "n/r" else scale
+        bad = _mean_grad_errors(model, x, grad_out, exact, (n, 4 * n), complement_scale=k)
+        print(scale, bad)
+        assert bad[4 * n] > 2 * good[4 * n], (scale, bad, good)  # a bias floor stays
+        assert bad[n] / bad[4 * n] < 1.4, (scale, bad)
+
+
+def test_basis_fixed_between_forward_and_backward():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8, bias=False)
+    be = prac_fx.backend(rank=4, refresh_every=10**9, resample_every=1)
+    compiled = torch.compile(layer, backend=be)
+    x = torch.randn(10, 16)
+    grad = torch.randn(10, 8)
+    out_a = compiled(x)
+    (key,) = be.store.groups
+    basis_a = be.store.basis(key).clone()
+    out_b = compiled(x)  # draws a new basis before its forward
+    assert not torch.equal(be.store.basis(key), basis_a)
+    layer.zero_grad()
+    out_a.backward(grad)
+    expected = (grad.t() @ (x @ basis_a)) @ basis_a.t()
+    torch.testing.assert_close(layer.weight.grad, expected)
+    del out_b
+
+
+def test_refresh_and_resample_do_not_recompile():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    be = prac_fx.backend(rank=8, refresh_every=2, resample_every=1, compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    x = torch.randn(4, 8, 32)
+    seen = []
+    for _ in range(6):
+        compiled(x).sum().backward()
+        seen.append(be.store.basis("up").data_ptr())
+    assert len(be.graphs) == 1
+    group = be.store.groups["up"]
+    assert (group.calls, group.refreshes, group.resamples) == (6, 3, 6)
+    assert len(set(seen)) >= 5  # a new basis tensor each call
+
+
+def test_inference_is_exact_and_unchanged():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 8, 32)
+    be = prac_fx.backend(rank=4, compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        out = compiled(x)
+        ref = model(x)
+    torch.testing.assert_close(out, ref)
+    assert [g.training for g in be.graphs] == [False]
+    assert be.report().sites_rewritten == 0
+    assert be.store.groups == {}
+
+
+def test_site_filter_and_too_narrow_stay_exact(mlp_case):
+    torch._dynamo.reset()
+    model, x, grad_out, (_, _, ref_g) = mlp_case
+    be = prac_fx.backend(rank=48, site_filter=lambda fqn: fqn != "down", compiler="eager")
+    _, _, g = _grads(torch.compile(model, backend=be), x, grad_out)
+    reasons = {r["module"]: r["status"] for r in be.report().rows() if r["kind"] == "linear"}
+    assert reasons == {"up": "skipped: too narrow for the rank", "mid": "rewritten",
+                       "down": "skipped: filtered"}
+    torch.testing.assert_close(g["down.weight"], ref_g["down.weight"])
+    torch.testing.assert_close(g["up.weight"], ref_g["up.weight"])
+    assert rel_err(g["mid.weight"], ref_g["mid.weight"]) > 1e-3
+
+
+def test_registered_backend_name():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(2, 32)
+    out = torch.compile(model, backend="prac")(x)
+    torch.testing.assert_close(out, model(x))
+    assert prac_fx.backend_module._default is not None
+
+
+def test_backend_entry_point_declared():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "prac"]
+    assert eps and eps[0].load() is prac_fx.prac_backend
+
+
+def test_logs_site_counts(caplog, mlp_case):
+    torch._dynamo.reset()
+    model, x, grad_out, _ = mlp_case
+    with caplog.at_level(logging.INFO, logger="prac_fx"):
+        torch.compile(model, backend=prac_fx.backend(rank=4, compiler="eager"))(x)
+    assert any("3 sites matched, 3 rewritten" in r.getMessage() for r in caplog.records)
