@@ -1,0 +1,130 @@
+"""Measure a training step: bytes saved for backward, peak live memory, step and compile time.
+
+A *variant* is a name and a function that turns a model into the callable to train
+(``eager``, ``inductor``, ``prac r=n/8`` ...). ``run_suite`` builds one fresh model per variant
+(same seed, same weights), compiles each with its first step (timed apart as compile time),
+measures saved bytes and peak memory, then times ``repeats`` rounds in which every variant runs
+one step, in turn, and reports medians: noise on a shared machine hits all variants alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from prac_fx import memory, models
+
+MiB = 2**20
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    make: Callable[[torch.nn.Module], Callable]  # model -> the callable to train
+
+
+@dataclasses.dataclass
+class Row:
+    """One model x variant. The ``*_vs_*`` columns are ratios to the same model's eager and
+    Inductor rows, filled in by ``add_ratios``."""
+
+    model: str
+    variant: str
+    saved_mib: float
+    peak_mib: float
+    step_ms: float
+    tokens_per_s: float
+    compile_s: float
+    saved_vs_eager: float = float("nan")
+    saved_vs_inductor: float = float("nan")
+    peak_vs_eager: float = float("nan")
+    peak_vs_inductor: float = float("nan")
+    step_vs_eager: float = float("nan")
+    step_vs_inductor: float = float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    layers: int = 4
+    width: int = 256
+    seq: int = 256
+    batch: int = 8
+    vocab: int = 2048
+    dtype: str = "float32"
+    repeats: int = 7
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
+def _step(fn: Callable, ids: torch.Tensor, params: list[torch.Tensor]) -> None:
+    loss = fn(ids, labels=ids).loss
+    loss.backward()
+    for p in params:
+        p.grad = None
+
+
+def add_ratios(rows: list[Row]) -> None:
+    base = {(r.model, r.variant): r for r in rows}
+    for r in rows:
+        for ref_name in ("eager", "inductor"):
+            ref = base.get((r.model, ref_name))
+            if ref is None:
+                continue
+            for col in ("saved", "peak", "step"):
+                mine, theirs = getattr(r, f"{col}_{'ms' if col == 'step' else 'mib'}"), \
+                    getattr(ref, f"{col}_{'ms' if col == 'step' else 'mib'}")
+                setattr(r, f"{col}_vs_{ref_name}", mine / theirs if theirs else float("nan"))
+
+
+def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
+              progress: Callable[[str], None] = lambda s: None) -> list[Row]:
+    dtype = getattr(torch, setup.dtype)
+    rows: list[Row] = []
+    for name in model_names:
+        ids = models.batch(setup.vocab, setup.batch, setup.seq)
+        runs = []
+        for v in variants:
+            torch.manual_seed(0)
+            model = models.build(name, layers=setup.layers, width=setup.width, seq=setup.seq,
+                                 vocab=setup.vocab).to(dtype)
+            params = list(model.parameters())
+            fn = v.make(model)
+            progress(f"{name}/{v.name}: compiling")
+            t = time.perf_counter()
+            _step(fn, ids, params)
+            compile_s = time.perf_counter() - t
+            _step(fn, ids, params)  # warm
+            saved = memory.saved_bytes(lambda: fn(ids, labels=ids).loss, params)
+            peak = memory.peak_rss_above(lambda: _step(fn, ids, params))
+            runs.append((v, model, params, fn, compile_s, saved, peak, []))
+        for i in range(setup.repeats):
+            progress(f"{name}: timing round {i + 1}/{setup.repeats}")
+            order = runs if i % 2 == 0 else runs[::-1]
+            for v, model, params, fn, *_, times in order:
+                t = time.perf_counter()
+                _step(fn, ids, params)
+                times.append(time.perf_counter() - t)
+        for v, model, params, fn, compile_s, saved, peak, times in runs:
+            step = statistics.median(times)
+            rows.append(Row(name, v.name, saved / MiB, peak / MiB, step * 1e3,
+                            setup.tokens / step, compile_s - step))
+    add_ratios(rows)
+    return rows
