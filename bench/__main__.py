@@ -34,6 +34,9 @@ def parse(argv):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warm-cache", action="store_true",
+                   help="let Inductor reuse compiled graphs from its on-disk cache (compile_s then "
+                        "measures a cache hit, not a compile)")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     return p.parse_args(argv)
@@ -50,6 +53,10 @@ def main(argv=None) -> int:
     from bench.harness import Setup, machine, run_suite
 
     torch.set_num_threads(args.threads)
+    if not args.warm_cache:
+        import torch._inductor.config
+
+        torch._inductor.config.fx_graph_cache = False
     repeats = args.repeats or (5 if args.quick else 11)
     setup = Setup(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch,
                   repeats=repeats)

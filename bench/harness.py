@@ -125,6 +125,6 @@ def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
         for v, model, params, fn, compile_s, saved, peak, times in runs:
             step = statistics.median(times)
             rows.append(Row(name, v.name, saved / MiB, peak / MiB, step * 1e3,
-                            setup.tokens / step, compile_s - step))
+                            setup.tokens / step, max(0.0, compile_s - step)))
     add_ratios(rows)
     return rows
