@@ -37,6 +37,7 @@ def parse(argv):
     p.add_argument("--warm-cache", action="store_true",
                    help="let Inductor reuse compiled graphs from its on-disk cache (compile_s then "
                         "measures a cache hit, not a compile)")
+    p.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     return p.parse_args(argv)
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
             "peak_vs_inductor", "step_ms", "step_vs_eager", "step_vs_inductor", "tokens_per_s",
             "compile_s"]
     table = [[getattr(r, c) for c in cols] for r in rows]
-    print(tabulate(table, headers=cols, floatfmt=".3g"))
+    print(tabulate(table, headers=cols, floatfmt=".3g",
+                   tablefmt="github" if args.markdown else "simple"))
     if args.csv:
         import csv
 
