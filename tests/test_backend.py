@@ -94,12 +94,10 @@ def test_weight_gradient_unbiased(mlp_case):
     n = 150
     good = _mean_grad_errors(model, x, grad_out, exact, (n, 4 * n))
     ratio = good[n] / good[4 * n]
-    print("unbiased", good)
     assert 1.5 < ratio < 2.8, good  # 1/sqrt(n): error halves for 4x the calls
     for scale in (1.0, "n/r"):
         k = 32 / 8 if scale == "n/r" else scale
         bad = _mean_grad_errors(model, x, grad_out, exact, (n, 4 * n), complement_scale=k)
-        print(scale, bad)
         assert bad[4 * n] > 2 * good[4 * n], (scale, bad, good)  # a bias floor stays
         assert bad[n] / bad[4 * n] < 1.4, (scale, bad)
 
@@ -193,3 +191,31 @@ def test_logs_site_counts(caplog, mlp_case):
     with caplog.at_level(logging.INFO, logger="prac_fx"):
         torch.compile(model, backend=prac_fx.backend(rank=4, compiler="eager"))(x)
     assert any("3 sites matched, 3 rewritten" in r.getMessage() for r in caplog.records)
+
+
+class ParamMatmul(torch.nn.Module):
+    """``x @ W`` with a raw parameter (weight stored (n, m)), as some models write projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Parameter(torch.randn(32, 24) / 6)
+        self.head = torch.nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.proj))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_matmul_with_parameter(compiler):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ParamMatmul()
+    x, grad_out = torch.randn(3, 5, 32), torch.randn(3, 5, 8)
+    ref_out, ref_gx, ref_g = _grads(model, x, grad_out)
+    be = prac_fx.backend(rank=1.0, compiler=compiler)
+    out, gx, g = _grads(torch.compile(model, backend=be), x, grad_out)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    assert rel_err(g["proj"], ref_g["proj"]) < 1e-4
+    kinds = sorted(r["kind"] for r in be.report().rows(include_skipped=False))
+    assert kinds == ["linear", "matmul"]
