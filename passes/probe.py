@@ -35,7 +35,23 @@ def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
 
 
+def _mutates_input(node: torch.fx.Node) -> bool:
+    """An in-place op on a graph input (``buf.add_(1)``): running the probe would repeat it."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or not str(name).endswith("_") \
+            or str(name).startswith("_") or name == "requires_grad_":
+        return False
+    first = node.args[0] if node.args else None
+    while isinstance(first, torch.fx.Node) and first.op != "placeholder" and first.args:
+        first = first.args[0] if first.target in ("view", "reshape", "transpose") else None
+    return isinstance(first, torch.fx.Node) and first.op == "placeholder"
+
+
 def build(gm: torch.fx.GraphModule, input_nodes: list[str]) -> torch.fx.GraphModule:
+    """Raises ValueError for a graph that mutates its inputs: it cannot be run twice per step."""
+    bad = [n.name for n in gm.graph.nodes if _mutates_input(n)]
+    if bad:
+        raise ValueError(f"graph mutates its inputs in place ({', '.join(bad[:3])})")
     probe = clone(gm)
     graph = probe.graph
     nodes = {n.name: n for n in graph.nodes}

@@ -94,7 +94,12 @@ class PracBackend:
         compiled = self._compile(work, [*example_inputs, *examples], record)
         probe = None
         if any(g.r1 > 0 for g in state.groups):
-            probe = probe_graph.build(gm, [g.input_node for g in state.groups])
+            try:
+                probe = probe_graph.build(gm, [g.input_node for g in state.groups])
+            except ValueError as err:
+                log.warning("prac_fx: graph %d: no activation probe (%s); principal bases stay "
+                            "random orthonormal, which keeps gradients unbiased", record.index, err)
+                record.note = f"no probe: {err}"
         return PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str))
 
     def _compile(self, gm, example_inputs, record: GraphRecord):

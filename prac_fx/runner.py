@@ -38,6 +38,10 @@ class PracRunner:
         self.calls = 0
 
     def _refresh(self, args: tuple, keys: list[str]) -> None:
+        if self.probe is None:  # no activation to fit to: keep (or draw) Q1, redraw Q2
+            for key in keys:
+                self.store.refresh(key, None)
+            return
         with torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):
             grams = self.probe(*args)
         due = set(keys)

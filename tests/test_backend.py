@@ -219,3 +219,31 @@ def test_matmul_with_parameter(compiler):
     assert rel_err(g["proj"], ref_g["proj"]) < 1e-4
     kinds = sorted(r["kind"] for r in be.report().rows(include_skipped=False))
     assert kinds == ["linear", "matmul"]
+
+
+class CountingMLP(MLP):
+    """Mutates a buffer in place every call: the probe must not run such a graph twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return super().forward(x)
+
+
+def test_graph_mutating_inputs_gets_no_probe(caplog):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CountingMLP()
+    x = torch.randn(4, 8, 32)
+    be = prac_fx.backend(rank=8, refresh_every=1, compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        for _ in range(3):
+            compiled(x).sum().backward()
+    assert model.calls.item() == 3  # mutated once per call, not again by a probe
+    assert any("no activation probe" in r.getMessage() for r in caplog.records)
+    assert be.report().sites_rewritten == 3
+    assert all(torch.isfinite(be.store.basis(k)).all() for k in be.store.groups)
