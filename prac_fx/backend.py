@@ -132,6 +132,21 @@ class PracBackend:
                 "store": self.store.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore bases, call counters and the generator from ``state_dict()``.
+
+        Load before the first compiled call or after it: a graph compiled later finds the loaded
+        group under its key (and moves its basis to the activation's device), one compiled
+        before reads the loaded basis from its next call on. A state saved with another
+        ``rank``, ``split`` or ``complement_scale`` is refused (its bases have other shapes or
+        scales); other settings may differ (the new ``refresh_every``/``resample_every`` apply
+        to the loaded call counters; the seed no longer matters, the generator state is loaded).
+        """
+        saved = state.get("config") or {}
+        differ = [f"{name}: saved {saved[name]!r}, now {getattr(self.config, name)!r}"
+                  for name in ("rank", "split", "complement_scale")
+                  if name in saved and saved[name] != getattr(self.config, name)]
+        if differ:
+            raise ValueError("PRAC state was saved with another configuration (" + "; ".join(differ) + ")")
         self.store.load_state_dict(state["store"])
 
 

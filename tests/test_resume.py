@@ -1,0 +1,181 @@
+"""Checkpoint and resume: a run resumed in a fresh process reproduces the uninterrupted run.
+
+The first half trains N steps, saves model, optimizer, backend and torch RNG state, then trains M
+more steps. A new Python process builds the model, loads the checkpoint, compiles with a new
+backend that loads its state, and trains the same M steps: losses, parameters and bases must be
+bitwise equal. The schedule puts refreshes and resamples inside the resumed steps and the resume
+point in the middle of both periods. Run as a script, this file is that second process.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch._dynamo
+
+import prac_fx
+
+OPTIONS = dict(rank=8, refresh_every=3, resample_every=2, seed=5)
+N_STEPS, M_STEPS = 4, 5
+
+
+class DropoutMLP(torch.nn.Module):
+    def __init__(self, n=64, hidden=64, out=16):
+        super().__init__()
+        self.up = torch.nn.Linear(n, hidden)
+        self.mid = torch.nn.Linear(hidden, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, out)
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        h = self.drop(torch.nn.functional.gelu(self.up(x)))
+        h = torch.tanh(self.mid(h))
+        return self.down(h)
+
+
+def build():
+    torch.manual_seed(0)
+    model = DropoutMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, opt
+
+
+def data(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(2, 32, 64, generator=g), torch.randn(2, 32, 16, generator=g)
+
+
+def train(compiled, opt, start, steps):
+    losses = []
+    for step in range(start, start + steps):
+        x, y = data(step)
+        opt.zero_grad()
+        loss = (compiled(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def checkpoint(model, opt, backend) -> dict:
+    """Everything a bitwise resume needs (the torch RNG state drives dropout)."""
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            "prac": backend.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def bases(backend) -> dict:
+    return {k: g.basis.clone() for k, g in backend.store.groups.items()}
+
+
+def resume(path: str, compiler: str, out: str) -> None:
+    """The fresh process: build, load, compile with a new backend, train M steps, save results."""
+    model, opt = build()
+    state = torch.load(path)  # weights_only: the backend state is plain tensors and numbers
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    backend = prac_fx.backend(**OPTIONS, compiler=compiler)
+    backend.load_state_dict(state["prac"])  # before the first compile
+    torch.set_rng_state(state["torch_rng"])
+    compiled = torch.compile(model, backend=backend)
+    losses = train(compiled, opt, N_STEPS, M_STEPS)
+    torch.save({"losses": losses, "params": model.state_dict(), "bases": bases(backend),
+                "calls": {k: g.calls for k, g in backend.store.groups.items()},
+                "graphs": len(backend.graphs)}, out)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_resume_in_fresh_process_is_bitwise_equal(tmp_path, compiler):
+    torch._dynamo.reset()
+    model, opt = build()
+    backend = prac_fx.backend(**OPTIONS, compiler=compiler)
+    compiled = torch.compile(model, backend=backend)
+    first = train(compiled, opt, 0, N_STEPS)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(checkpoint(model, opt, backend), ckpt)
+    expected = train(compiled, opt, N_STEPS, M_STEPS)
+    assert torch.isfinite(first).all() and torch.isfinite(expected).all()
+    groups = backend.store.groups
+    assert set(groups) == {"up", "mid", "down"}
+    # refreshes at calls 0, 3, 6 (two after the resume point), resamples every 2 calls
+    assert {g.refreshes for g in groups.values()} == {3}
+
+    out = tmp_path / "resumed.pt"
+    # the child imports this checkout's prac_fx, whatever the installed copy is
+    root = os.path.dirname(os.path.dirname(os.path.abspath(prac_fx.__file__)))
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, __file__, str(ckpt), compiler, str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(out)
+    assert got["graphs"] == 1
+    assert torch.equal(got["losses"], expected), (got["losses"], expected)
+    for k, v in model.state_dict().items():
+        assert torch.equal(got["params"][k], v), k
+    for k, v in bases(backend).items():
+        assert torch.equal(got["bases"][k], v), k
+    assert got["calls"] == {k: N_STEPS + M_STEPS for k in groups}
+
+
+def test_resume_without_backend_state_differs(tmp_path):
+    """The check above can fail: a new backend without the loaded state draws other bases."""
+    torch._dynamo.reset()
+    model, opt = build()
+    backend = prac_fx.backend(**OPTIONS, compiler="eager")
+    compiled = torch.compile(model, backend=backend)
+    train(compiled, opt, 0, N_STEPS)
+    state = checkpoint(model, opt, backend)
+    expected = train(compiled, opt, N_STEPS, M_STEPS)
+
+    torch._dynamo.reset()
+    model, opt = build()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    fresh = train(torch.compile(model, backend=prac_fx.backend(**OPTIONS, compiler="eager")),
+                  opt, N_STEPS, M_STEPS)
+    assert not torch.equal(fresh, expected)
+
+
+def test_state_loaded_after_compile_is_used():
+    """Loading into a backend whose graph is already compiled replaces its bases and counters."""
+    torch._dynamo.reset()
+    model, opt = build()
+    source = prac_fx.backend(**OPTIONS, compiler="eager")
+    compiled_source = torch.compile(model, backend=source)
+    train(compiled_source, opt, 0, N_STEPS)
+
+    other, other_opt = build()
+    target = prac_fx.backend(**OPTIONS, compiler="eager")
+    compiled_target = torch.compile(other, backend=target)
+    train(compiled_target, other_opt, 0, 1)  # compiled, registered its groups, drew bases
+    target.load_state_dict(source.state_dict())
+    other.load_state_dict(model.state_dict())
+    for key, group in target.store.groups.items():
+        assert group.calls == N_STEPS
+        assert torch.equal(group.basis, source.store.groups[key].basis)
+    # the next call draws the same complement and gives the same weight gradients
+    x, _ = data(99)
+    for m, c in ((model, compiled_source), (other, compiled_target)):
+        m.zero_grad()
+        torch.manual_seed(7)
+        c(x).sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.equal(dict(other.named_parameters())[name].grad, p.grad), name
+
+
+def test_load_state_with_other_rank_is_an_error():
+    torch._dynamo.reset()
+    model, opt = build()
+    source = prac_fx.backend(**OPTIONS, compiler="eager")
+    train(torch.compile(model, backend=source), opt, 0, 1)
+    torch._dynamo.reset()
+    target = prac_fx.backend(**(OPTIONS | {"rank": 4}), compiler="eager")
+    with pytest.raises(ValueError, match="rank"):
+        target.load_state_dict(source.state_dict())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    resume(sys.argv[1], sys.argv[2], sys.argv[3])
