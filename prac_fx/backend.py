@@ -52,6 +52,7 @@ class PracBackend:
         self.rewrite = rewrite  # False: compile unchanged but record (a baseline to compare with)
         self.store = BasisStore(self.config)
         self.graphs: list[GraphRecord] = []
+        self._narrow: set[str] = set()  # modules already reported too narrow for the rank
 
     # -- the backend protocol -------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
@@ -72,6 +73,11 @@ class PracBackend:
         record.sites, record.groups, record.passes = state.sites, state.groups, state.results
         log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
                  record.index, record.matched, record.rewritten, len(state.groups))
+        for site in state.sites:  # once per module and backend, not once per recompile
+            if site.reason == "too narrow for the rank" and site.module not in self._narrow:
+                self._narrow.add(site.module)
+                log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
+                            "nothing compressed there", site.module, site.n, self.config.rank)
         if not state.groups:
             record.note = "no linear site to compress"
             return self._compile(gm, example_inputs, record)

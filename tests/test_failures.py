@@ -1,0 +1,188 @@
+"""What the backend does when things go wrong: non-finite activations at a refresh, graphs the
+passes cannot handle, weights that are not floating point, a rank wider than a layer."""
+import logging
+
+import torch
+import torch._dynamo
+
+import passes
+import prac_fx
+
+
+class ScaledMLP(torch.nn.Module):
+    """``scale`` multiplies the hidden activation: a NaN there reaches the inputs of ``mid`` and
+    ``down`` but not of ``up``."""
+
+    def __init__(self, n=32, hidden=64, out=8):
+        super().__init__()
+        self.up = torch.nn.Linear(n, hidden)
+        self.mid = torch.nn.Linear(hidden, hidden)
+        self.down = torch.nn.Linear(hidden, out)
+
+    def forward(self, x, scale):
+        h = torch.nn.functional.gelu(self.up(x)) * scale
+        return self.down(torch.tanh(self.mid(h)))
+
+
+def test_nan_activation_at_refresh_keeps_bases_and_training_finite(caplog):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScaledMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    be = prac_fx.backend(rank=8, refresh_every=3, resample_every=1, compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    groups = be.store.groups
+    poisoned = {3, 6}  # refresh calls (calls % 3 == 0)
+    losses = []
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        for step in range(11):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 8, generator=g)
+            scale = torch.ones(64)
+            if step in poisoned:
+                scale[5] = float("nan")
+                q1_before = {k: groups[k].q1.clone() for k in groups}
+                refreshes_before = {k: groups[k].refreshes for k in groups}
+            opt.zero_grad()
+            loss = (compiled(x, scale) - y).square().mean()
+            loss.backward()
+            if step in poisoned:
+                # the step's loss is NaN (as it is in eager); the user skips it, as a grad
+                # scaler would, and the bases stay what they were
+                assert not torch.isfinite(loss)
+                for k in ("mid", "down"):
+                    assert torch.equal(groups[k].q1, q1_before[k]), k
+                    assert groups[k].refreshes == refreshes_before[k], k
+                assert groups["up"].refreshes == refreshes_before["up"] + 1  # its input was clean
+                assert not torch.equal(groups["up"].q1, q1_before["up"])
+                for group in groups.values():
+                    assert torch.isfinite(group.basis).all()
+                continue
+            opt.step()
+            losses.append(loss.detach())
+    assert torch.isfinite(torch.stack(losses)).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the clean refresh at call 9 refitted every group again
+    assert {k: g.refreshes for k, g in groups.items()} == {"up": 4, "mid": 2, "down": 2}
+    warned = [r.getMessage() for r in caplog.records if "NaN/Inf" in r.getMessage()]
+    assert len(warned) == 2 and any("'mid'" in m for m in warned) and any("'down'" in m for m in warned)
+
+
+def test_pass_failure_falls_back_to_plain_inductor(monkeypatch, caplog):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScaledMLP()
+    x, scale = torch.randn(2, 16, 32), torch.rand(64)
+    model.zero_grad()
+    ref = model(x, scale)
+    ref.square().sum().backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    def broken(gm, policy):
+        raise RuntimeError("cannot handle this graph")
+
+    monkeypatch.setattr(passes, "run", broken)
+    be = prac_fx.backend(rank=4)  # Inductor
+    model.zero_grad()
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        out = torch.compile(model, backend=be)(x, scale)
+        out.square().sum().backward()
+    assert any("left unchanged (RuntimeError: cannot handle this graph)" in r.getMessage()
+               for r in caplog.records)
+    assert be.graphs[0].note.startswith("fallback: RuntimeError")
+    assert be.store.groups == {} and be.report().sites_rewritten == 0
+    torch.testing.assert_close(out, ref)
+    for k, p in model.named_parameters():  # nothing compressed: weight gradients are exact
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+class ComplexAndInt(torch.nn.Module):
+    """A complex trained weight and an integer buffer: neither may be compressed."""
+
+    def __init__(self):
+        super().__init__()
+        self.cw = torch.nn.Parameter(torch.randn(16, 16, dtype=torch.complex64) / 4)
+        self.register_buffer("table", torch.arange(16 * 4).reshape(16, 4))
+        self.real = torch.nn.Linear(16, 4)
+
+    def forward(self, x, ids):
+        z = x.to(torch.complex64) @ self.cw
+        counts = ids @ self.table  # integer matmul
+        return self.real(z.abs()) + counts.float()
+
+
+def test_non_floating_weights_are_skipped():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ComplexAndInt()
+    x, ids = torch.randn(3, 16), torch.randint(0, 3, (3, 16))
+    ref = model(x, ids)
+    ref.sum().backward()
+    ref_cw = model.cw.grad.clone()
+    model.zero_grad()
+    be = prac_fx.backend(rank=2, compiler="eager")
+    out = torch.compile(model, backend=be)(x, ids)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(model.cw.grad, ref_cw)  # exact: the complex site is untouched
+    rows = {r["node"]: r for r in be.report().rows()}
+    kinds = {r["kind"]: r["status"] for r in rows.values() if r["kind"] in ("linear", "matmul")}
+    assert kinds["linear"] == "rewritten"
+    matmuls = [r["status"] for r in rows.values() if r["kind"] == "matmul"]
+    assert matmuls == ["skipped: no trainable weight"] * 2, rows
+    assert list(be.store.groups) == ["real"]
+
+
+def test_rank_wider_than_a_site_is_exact_and_logged_once(caplog):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScaledMLP()  # widths 32, 64, 64
+    be = prac_fx.backend(rank=48, compiler="eager")
+    compiled = torch.compile(model, backend=be, dynamic=False)
+    model.zero_grad()
+    x, scale = torch.randn(2, 16, 32), torch.ones(64)
+    ref_x = x.clone().requires_grad_()
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        for seq in (16, 16, 8, 4):  # new shapes recompile: still one message per module
+            compiled(x[:, :seq], scale).sum().backward()
+    narrow = [r.getMessage() for r in caplog.records if "narrower than rank" in r.getMessage()]
+    assert len(narrow) == 1 and "'up'" in narrow[0] and "width 32" in narrow[0], narrow
+    assert sum(g.training for g in be.graphs) >= 2
+    assert set(be.store.groups) == {"mid", "down"}
+    # the narrow site's weight gradient is exact
+    model_ref = ScaledMLP()
+    model_ref.load_state_dict(model.state_dict())
+    for seq in (16, 16, 8, 4):
+        model_ref(ref_x[:, :seq], scale).sum().backward()
+    torch.testing.assert_close(model.up.weight.grad, model_ref.up.weight.grad)
+
+    other = prac_fx.backend(rank=48, compiler="eager")  # a new backend says it again
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        torch.compile(ScaledMLP(), backend=other)(x, scale).sum().backward()
+    assert sum("narrower than rank" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_float64_model_is_compressed():
+    """Floating dtypes other than float32 are sites too; the basis is cast to the activation's."""
+    dtype = torch.float64
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScaledMLP().to(dtype)
+    x, scale = torch.randn(2, 16, 32, dtype=dtype), torch.ones(64, dtype=dtype)
+    ref_x = x.clone().requires_grad_()
+    ref = model(ref_x, scale)
+    ref.sum().backward()
+    ref_up = model.up.weight.grad.clone()
+    model.zero_grad()
+    be = prac_fx.backend(rank=1.0, compiler="eager")
+    x = x.requires_grad_()
+    out = torch.compile(model, backend=be)(x, scale)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert model.up.weight.grad.dtype == dtype
+    # the basis is stored in float32: at rank 1.0, P P^T = I to float32 precision only
+    torch.testing.assert_close(model.up.weight.grad, ref_up, rtol=1e-5, atol=1e-6)
+    assert be.report().sites_rewritten == 3
+    assert all(g.basis.dtype == torch.float32 for g in be.store.groups.values())
