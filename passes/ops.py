@@ -38,9 +38,13 @@ def compress(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (..., n) -> ``x2d^T x2d`` (n, n) in float32, used to refresh the principal basis."""
+    """``x`` (..., n) -> ``x2d^T x2d`` (n, n) in float32, used to refresh the principal basis.
+
+    Float32 even under autocast (the probe runs in the caller's autocast state, which would
+    otherwise round the product to bf16/fp16)."""
     x2d = x.detach().reshape(-1, x.shape[-1]).float()
-    return torch.mm(x2d.t(), x2d)
+    with torch.autocast(device_type=x2d.device.type, enabled=False):
+        return torch.mm(x2d.t(), x2d)
 
 
 class CompressedLinear(torch.autograd.Function):
