@@ -23,9 +23,9 @@ MODEL is one of
 
 A factory is a callable returning (model, inputs) or (model, inputs, loss_fn):
   model    a torch.nn.Module, compiled as it is (train() or eval() as returned)
-  inputs   a tensor (one positional argument), a tuple/list (positional arguments) or a
-           dict (keyword arguments); an element given as a shape (a torch.Size or a tuple
-           of ints) is an input spec, drawn as torch.randn(shape) from a fixed seed
+  inputs   a tensor or an input spec (one positional argument), a tuple/list (positional
+           arguments) or a dict (keyword arguments); an input spec is a shape (a torch.Size
+           or a tuple of ints), drawn as torch.randn(shape) from a fixed seed
   loss_fn  optional, output -> scalar tensor; by default output.loss, else output["loss"],
            else the sum of the (first tensor) output
 It is called with batch= and seq= when those options are given and it accepts them, after
@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(argv: list[str]) -> int:
+    """``prac-fx bench ARGS`` runs ``python -m bench ARGS``: ``bench.__main__.main()`` reads its
+    arguments from ``sys.argv`` and, called that way, re-executes itself with the allocator and
+    OpenMP environment its memory figures need."""
     try:
         module = importlib.import_module("bench.__main__")
     except ModuleNotFoundError as err:
@@ -108,9 +111,17 @@ def _bench(argv: list[str]) -> int:
         raise
     main = getattr(module, "main", None)
     if main is None:
-        return _error("bench.__main__ has no main(argv)")
-    status = main(argv)
-    return int(status or 0)
+        return _error("bench.__main__ has no main()")
+    sys.argv = [sys.argv[0], *argv]
+    return int(main() or 0)
+
+
+def use_color(choice: str, stream, to_file: bool) -> bool:
+    """``always``; ``never``; ``auto``: only to a terminal, unless NO_COLOR is set or TERM=dumb."""
+    if choice != "auto":
+        return choice == "always"
+    return (not to_file and hasattr(stream, "isatty") and stream.isatty()
+            and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb")
 
 
 def _diff(args) -> int:
@@ -136,8 +147,9 @@ def _diff(args) -> int:
         say(f"building {args.model} ...")
         work = workload.load(args.model, batch=args.batch, seq=args.seq, layers=args.layers,
                              width=args.width, vocab=args.vocab)
-        report = diff.compare(work, config, graphs=kinds, context=args.context, exclude=exclude,
-                              progress=say)
+        with diff.quiet_logs():
+            report = diff.compare(work, config, graphs=kinds, context=args.context, exclude=exclude,
+                                  progress=say)
     except workload.WorkloadError as err:
         if args.traceback:
             raise
@@ -154,9 +166,7 @@ def _diff(args) -> int:
     say(f"done in {time.perf_counter() - start:.1f} s")
 
     to_file = args.output is not None
-    color = args.color == "always" or (
-        args.color == "auto" and not to_file and sys.stdout.isatty()
-        and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb")
+    color = use_color(args.color, sys.stdout, to_file)
     if args.format == "json":
         out = render.as_json(report)
     elif args.format == "html":

@@ -286,29 +286,42 @@ def _pair(graph: int, before: list[dict], after: list[dict]) -> list[dict]:
 
 
 # -- graph diffs ----------------------------------------------------------------------------------
-def _basis_marks(nodes: dict[str, graph_text.Node], bases: dict[str, str]) -> dict[str, str]:
-    """Notes for the nodes that read a PRAC basis: the compression and the factored gradient."""
-    derived = dict(bases)  # name -> group key, through views and casts of the basis
+def _basis_marks(nodes: dict[str, graph_text.Node], bases: dict[str, str],
+                 copies: dict[str, str] | None = None, *, backward: bool = False):
+    """Notes for the nodes that read a PRAC basis or a compressed copy ``x @ P``.
+
+    ``bases`` and ``copies`` map names to group keys; views and casts of them count as them.
+    Returns (marks, bases, copies), the last two extended with what ``nodes`` derive from them
+    (the forward's are the backward's inputs).
+    """
+    bases, copies = dict(bases), dict(copies or {})
+    projected: dict[str, str] = {}  # grad_out^T @ (x @ P): (m, r)
     marks = {}
     for node in nodes.values():
-        if node.name in derived:
-            continue
-        reads = [derived[a] for a in node.args if a in derived]
-        if not reads:
+        if node.name in bases or node.name in copies:
             continue
         op = _short_op(node.op)
+        on_basis = [bases[a] for a in node.args if a in bases]
+        on_copy = [copies[a] for a in node.args if a in copies]
+        on_projected = [projected[a] for a in node.args if a in projected]
+        if not on_basis and not on_copy:
+            continue
         if _is_view_op(node.op) or op in ("convert_element_type", "_to_copy"):
-            derived[node.name] = reads[0]
-        elif "compress" in op or (op == "mm" and node.args and node.args[0] not in derived
-                                  and node.args[-1] in derived):
-            marks[node.name] = f"x @ P, group {reads[0]}"
-        elif op == "mm":
-            marks[node.name] = f"factored weight gradient, group {reads[0]}"
-        elif op == "apply" or "autograd" in node.op:
-            marks[node.name] = f"compressed linear, group {reads[0]}"
+            (bases if on_basis else copies)[node.name] = (on_basis or on_copy)[0]
+        elif op == "mm" and on_copy:
+            projected[node.name] = on_copy[0]
+            marks[node.name] = f"grad_out^T @ (x @ P), group {on_copy[0]}"
+        elif op == "mm" and on_basis and on_projected:
+            # grad_weight = grad_out^T @ x  ~=  (grad_out^T @ (x @ P)) @ P^T
+            marks[node.name] = f"factored weight gradient (.. @ P^T), group {on_basis[0]}"
+        elif "compress" in op or (op == "mm" and on_basis and node.args[-1] in bases):
+            copies[node.name] = on_basis[0]
+            marks[node.name] = f"x @ P{' recomputed' if backward else ''}, group {on_basis[0]}"
+        elif "autograd" in node.op or op == "apply":
+            marks[node.name] = f"compressed linear, group {(on_basis or on_copy)[0]}"
         else:
-            marks[node.name] = f"reads the basis of group {reads[0]}"
-    return marks
+            marks[node.name] = f"reads the basis of group {(on_basis or on_copy)[0]}"
+    return marks, bases, copies
 
 
 def _site_marks(sites) -> dict[str, str]:
@@ -340,7 +353,7 @@ def _graph_diffs(index: int, base: GraphRecord, prac: GraphRecord, kinds, contex
         after = graph_text.normalise(prac.rewritten_code) if prac.rewritten_code else before
         after, mapping = graph_text.align(before, after)
         bases = {mapping.get(f"prac_basis_{i}", f"prac_basis_{i}"): g for i, g in enumerate(groups)}
-        marks_after = _basis_marks(graph_text.parse("\n".join(after)), bases)
+        marks_after, _, _ = _basis_marks(graph_text.parse("\n".join(after)), bases)
         add("dynamo", f"graph {index}: dynamo graph", f"graph {index}: after the PRAC passes",
             before, after, _site_marks(prac.sites), marks_after)
 
@@ -351,14 +364,19 @@ def _graph_diffs(index: int, base: GraphRecord, prac: GraphRecord, kinds, contex
     prac_bw_named, _ = graph_text.align(base_bw, prac_bw, seed=fw_map,
                                         reserved=reserved | set(fw_map.values()))
     fw_nodes = graph_text.parse("\n".join(prac_fw_named))
-    fw_inputs = [n for n in fw_nodes.values() if n.op == "input"]
-    bases = {n.name: g for n, g in zip(fw_inputs[len(fw_inputs) - len(groups):], groups)} if groups else {}
+    # The bases are the last forward inputs, in group order.
+    fw_inputs = [n.name for n in graph_text.parse(prac.forward_code).values() if n.op == "input"]
+    bases = {fw_map.get(name, name): g for name, g in zip(fw_inputs[len(fw_inputs) - len(groups):], groups)} \
+        if groups else {}
+    fw_marks, fw_bases, fw_copies = _basis_marks(fw_nodes, bases)
     if "forward" in kinds:
         add("forward", f"graph {index}: inductor forward", f"graph {index}: prac forward",
-            base_fw, prac_fw_named, {}, _basis_marks(fw_nodes, bases))
+            base_fw, prac_fw_named, {}, fw_marks)
     if "backward" in kinds:
+        bw_marks, _, _ = _basis_marks(graph_text.parse("\n".join(prac_bw_named)), fw_bases, fw_copies,
+                                      backward=True)
         add("backward", f"graph {index}: inductor backward", f"graph {index}: prac backward",
-            base_bw, prac_bw_named, {}, _basis_marks(graph_text.parse("\n".join(prac_bw_named)), bases))
+            base_bw, prac_bw_named, {}, bw_marks)
     return diffs, fw_map
 
 
@@ -466,12 +484,12 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
 
 @contextlib.contextmanager
 def quiet_logs():
-    """Silence the backend's per-graph info logs while the CLI prints its own progress."""
+    """Silence the backend's warnings (a skipped site, a fallback): the report shows them."""
     import logging
 
     logger = logging.getLogger("prac_fx")
     level = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:

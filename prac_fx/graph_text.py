@@ -87,7 +87,7 @@ def normalise(code: str) -> list[str]:
             lines.append(f"{sig['indent']}def {sig['fn']}(")
             lines.extend(f"{pad}{a}," for a in _split_top(sig["args"]))
             lines.append(f"{sig['indent']}):")
-        elif ret and len(line) > 60:
+        elif ret and len(_split_top(ret["body"])) > 1:
             pad = ret["indent"] + "    "
             lines.append(f"{ret['indent']}return {ret['open']}")
             lines.extend(f"{pad}{a}," for a in _split_top(ret["body"]))

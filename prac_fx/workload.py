@@ -8,9 +8,9 @@
   ``(model, inputs)`` or ``(model, inputs, loss_fn)``, where
 
   - ``model`` is a ``torch.nn.Module``;
-  - ``inputs`` is a tensor (the one positional argument), a tuple or list (positional
-    arguments) or a dict (keyword arguments). An element given as a shape (a ``torch.Size`` or a
-    tuple of ints) is an input spec: it becomes ``torch.randn(shape)`` from a seeded generator;
+  - ``inputs`` is a tensor or an input spec (the one positional argument), a tuple or list
+    (positional arguments) or a dict (keyword arguments). An input spec is a shape (a
+    ``torch.Size`` or a tuple of ints): it becomes ``torch.randn(shape)`` from a seeded generator;
   - ``loss_fn(output) -> scalar tensor`` is optional; without it the loss is ``output.loss``,
     else ``output["loss"]``, else the sum of the output (its first tensor when it is a tuple).
 

@@ -1,0 +1,153 @@
+"""The ``prac-fx`` console script, run as a user runs it (a subprocess).
+
+Golden outputs: ``tests/golden/tiny.txt`` and ``tiny.json`` hold ``prac-fx diff tiny.py:build
+--rank 8 --exclude down`` run in ``tests/golden``. After an intended change, regenerate them with
+``PRAC_FX_UPDATE_GOLDEN=1 pytest tests/test_cli.py`` and review the diff.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from prac_fx import cli
+
+GOLDEN = Path(__file__).parent / "golden"
+TINY = ["tiny.py:build", "--rank", "8", "--exclude", "down"]
+UPDATE = os.environ.get("PRAC_FX_UPDATE_GOLDEN") == "1"
+SCRIPT = shutil.which("prac-fx")
+
+pytestmark = pytest.mark.skipif(SCRIPT is None, reason="prac-fx is not installed (pip install -e .)")
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=GOLDEN, env=None):
+    # The script imports prac_fx from this checkout, whatever copy is installed.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=path,
+                    **(env or {}))
+    full_env.pop("NO_COLOR", None)
+    return subprocess.run([SCRIPT, *args], cwd=cwd, capture_output=True, text=True, env=full_env,
+                          timeout=600)
+
+
+def _normalise(text: str) -> str:
+    """Line ends and trailing blanks: what editors and checkouts may change in a golden file."""
+    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").splitlines()) + "\n"
+
+
+def _golden(name: str, out: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(out)
+    assert _normalise(out) == _normalise(path.read_text()), \
+        f"{name} differs from the golden file; if intended: PRAC_FX_UPDATE_GOLDEN=1 pytest {__file__}"
+
+
+@pytest.fixture(scope="module")
+def text_run():
+    return run("diff", *TINY)
+
+
+def test_golden_text(text_run):
+    assert text_run.returncode == 0, text_run.stderr
+    assert "\033[" not in text_run.stdout  # piped: no colour
+    assert "compiling" in text_run.stderr  # progress goes to stderr
+    _golden("tiny.txt", text_run.stdout)
+
+
+def test_golden_json():
+    proc = run("diff", *TINY, "--format", "json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert json.loads(proc.stdout)["schema"] == "prac-fx-diff/1"
+    _golden("tiny.json", proc.stdout)
+
+
+def test_html_to_file_and_graph_selection(tmp_path):
+    out = tmp_path / "report.html"
+    proc = run("diff", *TINY, "--format", "html", "--graph", "forward", "-o", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    page = out.read_text()
+    assert page.count("<details>") == 1 and "graph 0 forward" in page
+
+
+BAD = [
+    # (arguments, expected status, expected message, where)
+    (["missing.py:build"], 2, "prac-fx: error: no such file: missing.py", "stderr"),
+    (["tiny.py:nope"], 2, "prac-fx: error: tiny.py has no attribute 'nope'", "stderr"),
+    (["tiny.py:NOT_CALLABLE"], 2, "prac-fx: error: tiny.py:NOT_CALLABLE is a int, not a callable", "stderr"),
+    (["tiny.py:raises"], 2, "prac-fx: error: factory tiny.py:raises raised ValueError: this factory always fails", "stderr"),
+    (["no_such_module_xyz:build"], 2, "prac-fx: error: cannot import module 'no_such_module_xyz'", "stderr"),
+    (["gpt3"], 2, "prac-fx: error: unknown model 'gpt3': choose a preset (gpt2, llama)", "stderr"),
+    (["gpt2", "--rank", "0"], 2, "prac-fx: error: rank must be an int >= 1 or a float in (0, 1], got 0", "stderr"),
+    (["gpt2", "--rank", "1.5"], 2, "prac-fx: error: rank as a float is a fraction of the input width and must lie in (0, 1]", "stderr"),
+    (["gpt2", "--rank", "abc"], 2, "prac-fx: error: invalid rank 'abc': give an int or a float", "stderr"),
+    (["tiny.py:build", "--layers", "2"], 2, "prac-fx: error: --layers applies to the presets (gpt2, llama) only", "stderr"),
+    (["tiny.py:no_linear"], 0, "prac-fx: tiny.py:no_linear: no linear layer with a trained weight", "stdout"),
+]
+
+
+@pytest.mark.parametrize("args,status,message,where", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_one_line_and_status(args, status, message, where):
+    proc = run("diff", *args, "-q")
+    assert proc.returncode == status, (proc.stdout, proc.stderr)
+    stream = proc.stdout if where == "stdout" else proc.stderr
+    assert stream.startswith(message), stream
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("prac-fx")]
+    assert len(lines) == (1 if where == "stderr" else 0), proc.stderr
+
+
+def test_python_dash_m_and_help():
+    proc = subprocess.run([sys.executable, "-m", "prac_fx", "diff", "--help"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0
+    for text in ("FILE.py:FACTORY", "MODULE:FACTORY", "(model, inputs, loss_fn)", "--rank", "--graph"):
+        assert text in proc.stdout
+    top = run("--help")
+    assert top.returncode == 0 and "diff" in top.stdout and "bench" in top.stdout
+
+
+def test_bench_runs_the_suite_main(monkeypatch):
+    seen = {}
+
+    def main():
+        seen["argv"] = sys.argv[1:]
+        return 0
+
+    fake = types.ModuleType("bench.__main__")
+    fake.main = main
+    monkeypatch.setitem(sys.modules, "bench.__main__", fake)
+    monkeypatch.setattr(sys, "argv", ["prac-fx", "bench", "--quick"])
+    assert cli.main() == 0
+    assert seen["argv"] == ["--quick"]
+
+
+def test_bench_missing_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bench.__main__", None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, "bench", None)
+    assert cli.main(["bench"]) == 2
+    assert capsys.readouterr().err == "prac-fx: error: the benchmark suite is not installed (no bench package)\n"
+
+
+@pytest.mark.parametrize("choice,tty,no_color,expected", [
+    ("auto", True, False, True), ("auto", False, False, False), ("auto", True, True, False),
+    ("always", False, False, True), ("never", True, False, False),
+])
+def test_colour_only_on_a_terminal(monkeypatch, choice, tty, no_color, expected):
+    stream = types.SimpleNamespace(isatty=lambda: tty)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", "1")
+    assert cli.use_color(choice, stream, to_file=False) is expected
+    assert cli.use_color("auto", stream, to_file=True) is False
+
