@@ -41,15 +41,37 @@ class GroupBasis:
     resamples: int = 0
 
 
+RANK_STRIDE = 1_000_003  # seed of process rank r: config.seed + RANK_STRIDE * r
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` in a single process; ``seed + RANK_STRIDE * rank`` under torch.distributed, so
+    that data-parallel ranks draw independent bases and their averaged gradient errors shrink."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return seed + RANK_STRIDE * dist.get_rank()
+    return seed
+
+
 class BasisStore:
     def __init__(self, config: PracConfig):
         self.config = config
         self.groups: dict[str, GroupBasis] = {}
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
+        self.seed = config.seed  # the generator's seed (per rank, fixed at the first register)
+        self._seeded = False  # True once the rank is known or a state was loaded
         self._warned: set[str] = set()
 
     def register(self, key: str, n: int, r1: int, r2: int, device) -> GroupBasis:
+        if not self._seeded:  # the first compile: the process group, if any, exists by now
+            self._seeded = True
+            seed = rank_seed(self.config.seed)
+            if seed != self.seed:
+                self.seed = seed
+                self.generator.manual_seed(seed)
+                log.info("prac_fx: distributed rank seed %d", seed)
         device = torch.device(device)
         group = self.groups.get(key)
         if group is None:
@@ -149,6 +171,7 @@ class BasisStore:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self._seeded = True  # the loaded generator state wins over any rank seed
         for key, s in state["groups"].items():
             g = self.groups.get(key)
             device = g.device if g is not None else torch.device("cpu")

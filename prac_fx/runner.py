@@ -13,6 +13,7 @@ import logging
 from typing import Callable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from passes.graph_state import Group
 from prac_fx.basis import BasisStore
@@ -50,7 +51,21 @@ class PracRunner:
                 self.store.refresh(key, gram)
         log.debug("refreshed %d bases", len(due))
 
+    def _shape_only(self, args: tuple):
+        """A call on fake tensors (DDP's graph splitting runs each compiled piece once on fake
+        inputs to learn its outputs' shapes): no refresh, no draw, no count."""
+        bases = []
+        for group, key in zip(self.groups, self.keys):
+            basis = self.store.basis(key)
+            if basis is None:  # under the caller's fake mode this makes a fake tensor
+                device = self.store.groups[key].device
+                basis = torch.zeros(group.n, group.rank, dtype=torch.float32, device=device)
+            bases.append(basis)
+        return call_compiled(self.compiled, [*args, *bases])
+
     def __call__(self, *args):
+        if any(isinstance(a, FakeTensor) for a in args):
+            return self._shape_only(args)
         store = self.store
         training = torch.is_grad_enabled()
         if training:
