@@ -23,7 +23,9 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
       "schema": "prac-fx-diff/1",
       "model": {"spec": str, "label": str, "settings": {str: int}},
       "config": {"rank": int | float, "split": int | float, "exclude": [str]},
-      "graphs": [{"index": int, "note": str}],        # one per Dynamo graph (graph breaks)
+      "graphs": [{"index": int, "note": str}],        # one per Dynamo graph (graph breaks);
+                                                     # note: why a graph was left unchanged
+      "notes": [str],                                # e.g. the two sides' graph counts differ
       "summary": {"sites": int,                      # linear sites with a trained weight
                   "rewritten": int, "groups": int},
       "sites": [{                                    # every node the passes looked at
@@ -45,7 +47,8 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
                    "bases": int},                    # of "prac": the PRAC bases
         "measured": {"inductor": int, "prac": int},  # saved_tensors_hooks, same step
         "agrees": bool,
-        "removed": [str], "added": [str]},           # names of counted tensors
+        "removed": [{"graph": int, "name": str, "bytes": int}],  # counted tensors the pass
+        "added": [{"graph": int, "name": str, "bytes": int}]},   # removed / added
       "flops": {
         "sites": [{"graph": int, "module": str, "N": int, "n": int, "m": int, "r": int,
                    "exact": int, "factored": int}],   # weight-gradient matmul flops
@@ -444,16 +447,15 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
     base = _capture(work, PracBackend(config, rewrite=False))
     say(f"  {base.seconds:.1f} s, {len(base.records)} graph(s)")
 
-    diffs, saved_rows, notes = [], [], []
+    diffs, saved_rows, graph_notes, notes = [], [], [], []
     for i, (b, p) in enumerate(zip(base.records, prac.records)):
         d, fw_map = _graph_diffs(i, b, p, graphs, context)
         diffs += d
         saved_rows += _pair(i, _saved(b, base.infos[i], {}), _saved(p, prac.infos[i], fw_map))
-        notes.append({"index": i, "note": p.note})
+        graph_notes.append({"index": i, "note": p.note})
     if len(base.records) != len(prac.records):
-        notes.append({"index": -1, "note": f"graph counts differ: inductor {len(base.records)}, "
-                                           f"prac {len(prac.records)}; compared the first "
-                                           f"{min(len(base.records), len(prac.records))}"})
+        notes.append(f"graph counts differ: inductor {len(base.records)}, prac {len(prac.records)}; "
+                     f"compared the first {min(len(base.records), len(prac.records))}")
     totals = {side: sum(r[side]["counted"] for r in saved_rows if r[side]) for side in ("inductor", "prac")}
     totals["ratio"] = round(totals["prac"] / totals["inductor"], 4) if totals["inductor"] else None
     totals["bases"] = sum(r["prac"]["counted"] for r in saved_rows if r["prac"] and r["prac"]["kind"] == "basis")
@@ -464,7 +466,8 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
         "schema": SCHEMA,
         "model": {"spec": work.spec, "label": work.label, "settings": work.settings},
         "config": config_summary(config, exclude),
-        "graphs": notes,
+        "graphs": graph_notes,
+        "notes": notes,
         "summary": {"sites": len(matched), "rewritten": sum(s["status"] == "rewritten" for s in sites),
                     "groups": len(groups)},
         "sites": sites,
@@ -473,9 +476,10 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
             "totals": totals,
             "measured": measured,
             "agrees": totals["inductor"] == measured["inductor"] and totals["prac"] == measured["prac"],
-            "removed": [r["inductor"]["name"] for r in saved_rows
-                        if r["change"] == "removed" and r["inductor"]["counted"]],
-            "added": [r["prac"]["name"] for r in saved_rows if r["change"] == "added" and r["prac"]["counted"]],
+            "removed": [{"graph": r["graph"], "name": r["inductor"]["name"], "bytes": r["inductor"]["counted"]}
+                        for r in saved_rows if r["change"] == "removed" and r["inductor"]["counted"]],
+            "added": [{"graph": r["graph"], "name": r["prac"]["name"], "bytes": r["prac"]["counted"]}
+                      for r in saved_rows if r["change"] == "added" and r["prac"]["counted"]],
         },
         "flops": _flops(sites, groups),
         "diffs": diffs,

@@ -73,7 +73,9 @@ def saved_rows(report: dict) -> tuple[list[str], list[list], list[str]]:
 
     ``bytes`` is what a tensor adds to the total: ``in X`` when it views storage already counted
     for ``X``."""
-    head = ["inductor", "tensor", "bytes", "op", "prac", "tensor", "bytes", "op", "change"]
+    several = len(report["graphs"]) > 1  # then a graph column: names repeat across graphs
+    head = ["graph"] * several + ["inductor", "tensor", "bytes", "op", "prac", "tensor", "bytes", "op",
+                                  "change"]
     rows, changes = [], []
 
     def cols(t):
@@ -87,7 +89,7 @@ def saved_rows(report: dict) -> tuple[list[str], list[list], list[str]]:
         a, b = r["inductor"], r["prac"]
         if all(t is None or t["kind"] == "parameter" for t in (a, b)):
             continue
-        rows.append(cols(a) + cols(b) + [r["change"]])
+        rows.append([r["graph"]] * several + cols(a) + cols(b) + [r["change"]])
         changes.append(r["change"])
     return head, rows, changes
 
@@ -116,17 +118,16 @@ def saved_summary(report: dict) -> list[str]:
                 for side in ("inductor", "prac")}
     lines.append(f"parameters and views of them saved (not counted): {n_params['inductor']} -> "
                  f"{n_params['prac']}")
-    by_name = {}
-    for r in s["rows"]:
-        for side in ("inductor", "prac"):
-            if r[side]:
-                by_name[(side, r[side]["name"])] = r[side]["counted"]
+    several = len(report["graphs"]) > 1
+
+    def names(tensors):
+        return ", ".join(f"{'g%d:' % t['graph'] if several else ''}{t['name']} ({human_bytes(t['bytes'])})"
+                         for t in tensors)
+
     if s["removed"]:
-        lines.append("removed by the pass: " + ", ".join(
-            f"{n} ({human_bytes(by_name[('inductor', n)])})" for n in s["removed"]))
+        lines.append("removed by the pass: " + names(s["removed"]))
     if s["added"]:
-        lines.append("added by the pass: " + ", ".join(
-            f"{n} ({human_bytes(by_name[('prac', n)])})" for n in s["added"]))
+        lines.append("added by the pass: " + names(s["added"]))
     return lines
 
 
@@ -144,12 +145,10 @@ def text(report: dict, *, color: bool = False) -> str:
     out: list[str] = []
     summ = report["summary"]
     out.append(c("bold", f"prac-fx diff {report['model']['label']}  [{_config(report)}]"))
-    out.append(f"{len([g for g in report['graphs'] if g['index'] >= 0])} graph(s); "
-               f"{summ['rewritten']} of {summ['sites']} linear sites with a trained weight "
-               f"rewritten, in {summ['groups']} input group(s)")
-    for g in report["graphs"]:
-        if g["note"]:
-            out.append(f"graph {g['index']}: {g['note']}" if g["index"] >= 0 else g["note"])
+    out.append(f"{len(report['graphs'])} graph(s); {summ['rewritten']} of {summ['sites']} linear "
+               f"sites with a trained weight rewritten, in {summ['groups']} input group(s)")
+    out += [f"graph {g['index']}: {g['note']}" for g in report["graphs"] if g["note"]]
+    out += [f"note: {n}" for n in report["notes"]]
 
     out += ["", c("bold", "Sites")]
     head, rows = site_rows(report)
@@ -249,6 +248,8 @@ def as_html(report: dict) -> str:
         f"<p>{summ['rewritten']} of {summ['sites']} linear sites with a trained weight rewritten, in "
         f"{summ['groups']} input group(s).</p>",
     ]
+    parts += [f"<p>graph {g['index']}: {e(g['note'])}</p>" for g in report["graphs"] if g["note"]]
+    parts += [f"<p>note: {e(n)}</p>" for n in report["notes"]]
     head, rows = site_rows(report)
     classes = ["rewritten" if s["status"] == "rewritten" else
                "other" if s["kind"] not in ("linear", "addmm", "matmul") else "" for s in report["sites"]]

@@ -88,7 +88,8 @@ def test_compressed_copies_replace_saved_inputs(report):
     assert len(copies) == len(saved_groups) == 3
     # ...and the exact activations those sites saved are gone.
     assert sum(t["counted"] for t in removed) > sum(t["counted"] for t in copies)
-    assert set(report["saved"]["removed"]) == {t["name"] for t in removed if t["counted"]}
+    assert [t["name"] for t in report["saved"]["removed"]] == [t["name"] for t in removed if t["counted"]]
+    assert [t["bytes"] for t in report["saved"]["added"]] == [t["counted"] for t in added if t["counted"]]
     # Counted bytes sum to the totals; parameters never count.
     for side in ("inductor", "prac"):
         tensors = [r[side] for r in rows if r[side]]
@@ -125,7 +126,9 @@ def test_graph_diffs_mark_the_rewrite(report):
 def _check_schema(report):
     """The JSON schema documented in prac_fx/diff.py."""
     assert report["schema"] == diff.SCHEMA
-    assert set(report) == {"schema", "model", "config", "graphs", "summary", "sites", "saved", "flops", "diffs"}
+    assert set(report) == {"schema", "model", "config", "graphs", "notes", "summary", "sites", "saved",
+                           "flops", "diffs"}
+    assert all(set(g) == {"index", "note"} for g in report["graphs"])
     assert set(report["model"]) == {"spec", "label", "settings"}
     assert set(report["config"]) == {"rank", "split", "exclude"}
     site_keys = {"graph", "node", "module", "kind", "weight", "group", "N", "n", "m", "r1", "r2",
