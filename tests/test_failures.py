@@ -186,3 +186,29 @@ def test_float64_model_is_compressed():
     torch.testing.assert_close(model.up.weight.grad, ref_up, rtol=1e-5, atol=1e-6)
     assert be.report().sites_rewritten == 3
     assert all(g.basis.dtype == torch.float32 for g in be.store.groups.values())
+
+
+def test_inf_activation_at_the_first_call_draws_a_random_basis(caplog):
+    """No previous basis to keep: a random orthonormal Q1 (unbiased still), finite, and the next
+    clean refresh fits it to the activation."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScaledMLP()
+    be = prac_fx.backend(rank=8, refresh_every=2, compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    x = torch.randn(2, 16, 32)
+    scale = torch.ones(64)
+    scale[0] = float("inf")
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        compiled(x, scale).sum().backward()
+    mid = be.store.groups["mid"]
+    q1 = mid.q1
+    assert torch.isfinite(mid.basis).all() and mid.refreshes == 1
+    torch.testing.assert_close(q1.t() @ q1, torch.eye(4), atol=1e-5, rtol=0)
+    assert any("NaN/Inf" in r.getMessage() and "'mid'" in r.getMessage() for r in caplog.records)
+    model.zero_grad()
+    for _ in range(2):  # call 2 refreshes from a clean activation
+        out = compiled(x, torch.ones(64))
+        out.sum().backward()
+    assert torch.isfinite(out).all() and mid.refreshes == 2 and not torch.equal(mid.q1, q1)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
