@@ -44,12 +44,18 @@ class GroupBasis:
 RANK_STRIDE = 1_000_003  # seed of process rank r: config.seed + RANK_STRIDE * r
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank_seed(seed: int) -> int:
     """``seed`` in a single process; ``seed + RANK_STRIDE * rank`` under torch.distributed, so
     that data-parallel ranks draw independent bases and their averaged gradient errors shrink."""
-    import torch.distributed as dist
+    if _distributed():
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
         return seed + RANK_STRIDE * dist.get_rank()
     return seed
 
@@ -65,13 +71,7 @@ class BasisStore:
         self._warned: set[str] = set()
 
     def register(self, key: str, n: int, r1: int, r2: int, device) -> GroupBasis:
-        if not self._seeded:  # the first compile: the process group, if any, exists by now
-            self._seeded = True
-            seed = rank_seed(self.config.seed)
-            if seed != self.seed:
-                self.seed = seed
-                self.generator.manual_seed(seed)
-                log.info("prac_fx: distributed rank seed %d", seed)
+        self._ensure_seeded()  # the first compile: the process group, if any, exists by now
         device = torch.device(device)
         group = self.groups.get(key)
         if group is None:
@@ -86,6 +86,15 @@ class BasisStore:
             if group.basis is not None:
                 group.basis = group.basis.to(device).contiguous()
         return group
+
+    def _ensure_seeded(self) -> None:
+        if not self._seeded:
+            self._seeded = True
+            seed = rank_seed(self.config.seed)
+            if seed != self.seed:
+                self.seed = seed
+                self.generator.manual_seed(seed)
+                log.info("prac_fx: distributed rank seed %d", seed)
 
     # -- when -----------------------------------------------------------------------------------
     def due_refresh(self, key: str) -> bool:
@@ -156,8 +165,10 @@ class BasisStore:
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._ensure_seeded()
         return {
             "generator": self.generator.get_state(),
+            "seed": self.seed,
             "groups": {
                 key: {
                     "n": g.n, "r1": g.r1, "r2": g.r2, "calls": g.calls,
@@ -170,8 +181,17 @@ class BasisStore:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved_seed = state.get("seed")
+        mine = rank_seed(self.config.seed) if not self._seeded else self.seed
+        if saved_seed is not None and saved_seed != mine and _distributed():
+            log.warning("prac_fx: loading a basis state saved with seed %d into a process whose "
+                        "rank seed is %d: ranks that load the same state share their bases "
+                        "(still unbiased, but their errors no longer average out); save and "
+                        "load one state per rank", saved_seed, mine)
         self.generator.set_state(state["generator"])
         self._seeded = True  # the loaded generator state wins over any rank seed
+        if saved_seed is not None:
+            self.seed = saved_seed
         for key, s in state["groups"].items():
             g = self.groups.get(key)
             device = g.device if g is not None else torch.device("cpu")

@@ -6,6 +6,7 @@ backend that loads its state, and trains the same M steps: losses, parameters an
 bitwise equal. The schedule puts refreshes and resamples inside the resumed steps and the resume
 point in the middle of both periods. Run as a script, this file is that second process.
 """
+import logging
 import os
 import subprocess
 import sys
@@ -174,6 +175,50 @@ def test_load_state_with_other_rank_is_an_error():
     target = prac_fx.backend(**(OPTIONS | {"rank": 4}), compiler="eager")
     with pytest.raises(ValueError, match="rank"):
         target.load_state_dict(source.state_dict())
+
+
+def test_state_loaded_before_compile_moves_to_the_graphs_device():
+    from prac_fx.basis import BasisStore
+
+    source = BasisStore(prac_fx.PracConfig(rank=8))
+    source.register("g", 16, 4, 4, "cpu")
+    source.refresh("g", torch.diag(torch.arange(16.0)))
+    target = BasisStore(prac_fx.PracConfig(rank=8))
+    target.load_state_dict(source.state_dict())
+    group = target.register("g", 16, 4, 4, "meta")  # the first compile sees the activation's device
+    assert group.basis.device.type == "meta" and group.basis.shape == (16, 8)
+    assert torch.equal(group.q1, source.groups["g"].q1)  # Q1, Q2 stay on the CPU
+    target.resample("g")  # later draws land on the graph's device too
+    assert target.basis("g").device.type == "meta"
+
+
+def _fake_rank(monkeypatch, rank):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+
+
+def test_rank_seeds_and_loading_another_ranks_state(monkeypatch, caplog):
+    from prac_fx.basis import RANK_STRIDE, BasisStore
+
+    states = []
+    for rank in (0, 1):
+        _fake_rank(monkeypatch, rank)
+        store = BasisStore(prac_fx.PracConfig(rank=8, seed=3))
+        store.register("g", 16, 0, 8, "cpu")  # the rank is read at the first register
+        store.resample("g")
+        assert store.seed == 3 + RANK_STRIDE * rank
+        states.append(store.state_dict())
+    assert [s["seed"] for s in states] == [3, 3 + RANK_STRIDE]
+    assert not torch.equal(states[0]["groups"]["g"]["basis"], states[1]["groups"]["g"]["basis"])
+
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        BasisStore(prac_fx.PracConfig(rank=8, seed=3)).load_state_dict(states[1])  # its own
+        assert not caplog.records
+        BasisStore(prac_fx.PracConfig(rank=8, seed=3)).load_state_dict(states[0])  # rank 0's
+    assert len(caplog.records) == 1 and "one state per rank" in caplog.records[0].getMessage()
 
 
 if __name__ == "__main__":
