@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                     "training step on each, and show the sites the pass rewrote or skipped, the "
                     "tensors saved for backward side by side, the weight-gradient flops and a "
                     "normalised diff of the Dynamo, forward and backward graphs.")
-    d.add_argument("model", metavar="MODEL", help="a preset (gpt2, llama), FILE.py:FACTORY or MODULE:FACTORY")
+    d.add_argument("model", metavar="MODEL",
+                   help="a preset (gpt2, llama), FILE.py:FACTORY or MODULE:FACTORY")
     d.add_argument("--rank", default="0.25", help="basis columns per input group: int >= 1 or "
                    "float in (0, 1] (default 0.25)")
     d.add_argument("--split", default="0.5", help="principal share of the rank: float in [0, 1] "
@@ -132,15 +133,17 @@ def _diff(args) -> int:
         rank = _number(args.rank, "rank")
         split = _number(args.split, "split")
         exclude = list(args.exclude)
-        config = PracConfig(rank=rank, split=split,
-                            site_filter=(lambda path: not any(t in path for t in exclude)) if exclude else None)
+        keep = (lambda path: not any(t in path for t in exclude)) if exclude else None
+        config = PracConfig(rank=rank, split=split, site_filter=keep)
     except ValueError as err:
         return _error(str(err))
     kinds = args.graph or ["all"]
     kinds = diff.GRAPH_KINDS if "all" in kinds else tuple(k for k in diff.GRAPH_KINDS if k in kinds)
     if args.context < 0:
         return _error(f"--context must be >= 0, got {args.context}")
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"prac-fx: {msg}", file=sys.stderr, flush=True))
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(f"prac-fx: {msg}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
     try:

@@ -283,8 +283,10 @@ def _pair(graph: int, before: list[dict], after: list[dict]) -> list[dict]:
                     rows += [{"graph": graph, "change": "removed", "inductor": a, "prac": None},
                              {"graph": graph, "change": "added", "inductor": None, "prac": b}]
             continue
-        rows += [{"graph": graph, "change": "removed", "inductor": a, "prac": None} for a in before[i1:i2]]
-        rows += [{"graph": graph, "change": "added", "inductor": None, "prac": b} for b in after[j1:j2]]
+        rows += [{"graph": graph, "change": "removed", "inductor": a, "prac": None}
+                 for a in before[i1:i2]]
+        rows += [{"graph": graph, "change": "added", "inductor": None, "prac": b}
+                 for b in after[j1:j2]]
     return rows
 
 
@@ -298,7 +300,7 @@ def _basis_marks(nodes: dict[str, graph_text.Node], bases: dict[str, str],
     (the forward's are the backward's inputs).
     """
     bases, copies = dict(bases), dict(copies or {})
-    projected: dict[str, str] = {}  # grad_out^T @ (x @ P): (m, r)
+    projected: dict[str, str] = {}  # grad_out^T @ (x @ P), (m, r), or its transpose
     marks = {}
     for node in nodes.values():
         if node.name in bases or node.name in copies:
@@ -313,10 +315,11 @@ def _basis_marks(nodes: dict[str, graph_text.Node], bases: dict[str, str],
             (bases if on_basis else copies)[node.name] = (on_basis or on_copy)[0]
         elif op == "mm" and on_copy:
             projected[node.name] = on_copy[0]
-            marks[node.name] = f"grad_out^T @ (x @ P), group {on_copy[0]}"
+            marks[node.name] = ("weight gradient, low-rank part (grad_out with x @ P), "
+                                f"group {on_copy[0]}")
         elif op == "mm" and on_basis and on_projected:
             # grad_weight = grad_out^T @ x  ~=  (grad_out^T @ (x @ P)) @ P^T
-            marks[node.name] = f"factored weight gradient (.. @ P^T), group {on_basis[0]}"
+            marks[node.name] = f"weight gradient, back through P, group {on_basis[0]}"
         elif "compress" in op or (op == "mm" and on_basis and node.args[-1] in bases):
             copies[node.name] = on_basis[0]
             marks[node.name] = f"x @ P{' recomputed' if backward else ''}, group {on_basis[0]}"
@@ -369,8 +372,8 @@ def _graph_diffs(index: int, base: GraphRecord, prac: GraphRecord, kinds, contex
     fw_nodes = graph_text.parse("\n".join(prac_fw_named))
     # The bases are the last forward inputs, in group order.
     fw_inputs = [n.name for n in graph_text.parse(prac.forward_code).values() if n.op == "input"]
-    bases = {fw_map.get(name, name): g for name, g in zip(fw_inputs[len(fw_inputs) - len(groups):], groups)} \
-        if groups else {}
+    basis_inputs = fw_inputs[len(fw_inputs) - len(groups):] if groups else []
+    bases = {fw_map.get(name, name): g for name, g in zip(basis_inputs, groups)}
     fw_marks, fw_bases, fw_copies = _basis_marks(fw_nodes, bases)
     if "forward" in kinds:
         add("forward", f"graph {index}: inductor forward", f"graph {index}: prac forward",
@@ -423,6 +426,11 @@ def _flops(sites: list[dict], groups) -> dict:
             "ratio": round(factored / exact, 4) if exact else None, "compress": compress}
 
 
+def _changed(rows: list[dict], change: str, side: str) -> list[dict]:
+    return [{"graph": r["graph"], "name": r[side]["name"], "bytes": r[side]["counted"]}
+            for r in rows if r["change"] == change and r[side]["counted"]]
+
+
 def config_summary(config: PracConfig, exclude: list[str]) -> dict:
     return {"rank": config.rank, "split": config.split, "exclude": list(exclude)}
 
@@ -456,9 +464,11 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
     if len(base.records) != len(prac.records):
         notes.append(f"graph counts differ: inductor {len(base.records)}, prac {len(prac.records)}; "
                      f"compared the first {min(len(base.records), len(prac.records))}")
-    totals = {side: sum(r[side]["counted"] for r in saved_rows if r[side]) for side in ("inductor", "prac")}
+    totals = {side: sum(r[side]["counted"] for r in saved_rows if r[side])
+              for side in ("inductor", "prac")}
     totals["ratio"] = round(totals["prac"] / totals["inductor"], 4) if totals["inductor"] else None
-    totals["bases"] = sum(r["prac"]["counted"] for r in saved_rows if r["prac"] and r["prac"]["kind"] == "basis")
+    totals["bases"] = sum(r["prac"]["counted"] for r in saved_rows
+                          if r["prac"] and r["prac"]["kind"] == "basis")
     measured = {"inductor": base.measured, "prac": prac.measured}
     groups = [(i, g, prac.infos[i].rows.get(g.input_node, 0))
               for i, rec in enumerate(prac.records) for g in rec.groups]
@@ -476,10 +486,8 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
             "totals": totals,
             "measured": measured,
             "agrees": totals["inductor"] == measured["inductor"] and totals["prac"] == measured["prac"],
-            "removed": [{"graph": r["graph"], "name": r["inductor"]["name"], "bytes": r["inductor"]["counted"]}
-                        for r in saved_rows if r["change"] == "removed" and r["inductor"]["counted"]],
-            "added": [{"graph": r["graph"], "name": r["prac"]["name"], "bytes": r["prac"]["counted"]}
-                      for r in saved_rows if r["change"] == "added" and r["prac"]["counted"]],
+            "removed": _changed(saved_rows, "removed", "inductor"),
+            "added": _changed(saved_rows, "added", "prac"),
         },
         "flops": _flops(sites, groups),
         "diffs": diffs,

@@ -121,8 +121,8 @@ def saved_summary(report: dict) -> list[str]:
     several = len(report["graphs"]) > 1
 
     def names(tensors):
-        return ", ".join(f"{'g%d:' % t['graph'] if several else ''}{t['name']} ({human_bytes(t['bytes'])})"
-                         for t in tensors)
+        return ", ".join(f"{'g%d:' % t['graph'] if several else ''}{t['name']} "
+                         f"({human_bytes(t['bytes'])})" for t in tensors)
 
     if s["removed"]:
         lines.append("removed by the pass: " + names(s["removed"]))
@@ -163,7 +163,8 @@ def text(report: dict, *, color: bool = False) -> str:
     table = tabulate(rows, headers=head).splitlines()
     out += table[:2]
     for line, change in zip(table[2:], changes):
-        out.append(c("red", line) if change == "removed" else c("green", line) if change == "added" else line)
+        style = {"removed": "red", "added": "green"}.get(change)
+        out.append(c(style, line) if style else line)
     out += saved_summary(report)
 
     out += ["", c("bold", "Weight-gradient flops (per step)")]
@@ -243,7 +244,8 @@ def as_html(report: dict) -> str:
     summ = report["summary"]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>prac-fx diff {e(report['model']['label'])}</title>", f"<style>{_CSS}</style></head><body>",
+        f"<title>prac-fx diff {e(report['model']['label'])}</title>",
+        f"<style>{_CSS}</style></head><body>",
         f"<h1>prac-fx diff {e(report['model']['label'])} <small>[{e(_config(report))}]</small></h1>",
         f"<p>{summ['rewritten']} of {summ['sites']} linear sites with a trained weight rewritten, in "
         f"{summ['groups']} input group(s).</p>",
@@ -252,10 +254,12 @@ def as_html(report: dict) -> str:
     parts += [f"<p>note: {e(n)}</p>" for n in report["notes"]]
     head, rows = site_rows(report)
     classes = ["rewritten" if s["status"] == "rewritten" else
-               "other" if s["kind"] not in ("linear", "addmm", "matmul") else "" for s in report["sites"]]
+               "other" if s["kind"] not in ("linear", "addmm", "matmul") else ""
+               for s in report["sites"]]
     parts += ["<h2>Sites</h2>", _table(head, rows, classes)]
     head, rows, changes = saved_rows(report)
-    parts += ["<h2>Saved for backward</h2>", _table(head, rows, [c if c != "kept" else "" for c in changes]),
+    parts += ["<h2>Saved for backward</h2>",
+              _table(head, rows, [c if c != "kept" else "" for c in changes]),
               "<ul>" + "".join(f"<li>{e(line)}</li>" for line in saved_summary(report)) + "</ul>"]
     head, rows = flop_rows(report)
     parts += ["<h2>Weight-gradient flops</h2>", _table(head, rows), f"<p>{e(flop_summary(report))}</p>"]

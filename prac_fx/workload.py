@@ -74,7 +74,8 @@ def _default_loss(out) -> torch.Tensor:
         out = next((o for o in out if isinstance(o, torch.Tensor)), None)
     if isinstance(out, torch.Tensor):
         return out.float().sum()
-    raise WorkloadError(f"cannot make a loss of a {type(out).__name__} output; return (model, inputs, loss_fn)")
+    raise WorkloadError(f"cannot make a loss of a {type(out).__name__} output; "
+                        "return (model, inputs, loss_fn)")
 
 
 def _preset(name: str, *, layers, width, seq, batch, vocab) -> Workload:
@@ -104,10 +105,12 @@ def _import_factory(spec: str) -> Callable:
         if loader is None or loader.loader is None:
             raise WorkloadError(f"cannot import {target}: not a Python file")
         module = importlib.util.module_from_spec(loader)
+        sys.modules[name] = module  # dataclasses and pickling look their module up there
         sys.path.insert(0, os.path.dirname(path))
         try:
             loader.loader.exec_module(module)
         except Exception as err:
+            del sys.modules[name]
             raise WorkloadError(f"importing {target} raised {_one_line(err)}") from None
         finally:
             sys.path.remove(os.path.dirname(path))
@@ -120,7 +123,7 @@ def _import_factory(spec: str) -> Callable:
     if factory is None:
         raise WorkloadError(f"{target} has no attribute {attr!r}")
     if not callable(factory):
-        raise WorkloadError(f"{target}:{attr} is a {type(factory).__name__}, not a callable")
+        raise WorkloadError(f"{target}:{attr} is not callable: {type(factory).__name__}")
     return factory
 
 
@@ -155,7 +158,8 @@ def _factory(spec: str, *, batch, seq) -> Workload:
                             f"got {type(made).__name__}")
     model, inputs, *rest = made
     if not isinstance(model, torch.nn.Module):
-        raise WorkloadError(f"factory {spec} returned a {type(model).__name__} as the model, not a torch.nn.Module")
+        raise WorkloadError(f"factory {spec} returned a {type(model).__name__} as the model, "
+                            "not a torch.nn.Module")
     loss_fn = rest[0] if rest else _default_loss
     if not callable(loss_fn):
         raise WorkloadError(f"factory {spec}: the third item (loss_fn) is not callable")
@@ -180,10 +184,12 @@ def _check(work: Workload) -> None:
     except Exception as err:
         raise WorkloadError(f"running {work.spec} on its inputs raised {_one_line(err)}") from None
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
         raise WorkloadError(f"the loss of {work.spec} must be a scalar tensor, got "
-                            f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                            f"{type(loss).__name__}{shape}")
     if not loss.requires_grad:
-        raise WorkloadError(f"the loss of {work.spec} does not require grad: no trained parameter reaches it")
+        raise WorkloadError(f"the loss of {work.spec} does not require grad: "
+                            "no trained parameter reaches it")
 
 
 def load(spec: str, *, batch: int | None = None, seq: int | None = None, layers: int | None = None,
@@ -195,9 +201,11 @@ def load(spec: str, *, batch: int | None = None, seq: int | None = None, layers:
                                              vocab=vocab).items() if v is not None})
         work = _preset(spec, **size)
     else:
-        preset_only = [k for k, v in (("layers", layers), ("width", width), ("vocab", vocab)) if v is not None]
+        presets = ", ".join(models.PRESETS)
+        preset_only = [k for k, v in (("layers", layers), ("width", width), ("vocab", vocab))
+                       if v is not None]
         if preset_only and ":" in spec:
-            raise WorkloadError(f"--{preset_only[0]} applies to the presets ({', '.join(models.PRESETS)}) only")
+            raise WorkloadError(f"--{preset_only[0]} applies to the presets ({presets}) only")
         if ":" not in spec:
             raise WorkloadError(f"unknown model {spec!r}: choose a preset ({', '.join(models.PRESETS)}) "
                                 "or give FILE.py:FACTORY or MODULE:FACTORY")
