@@ -16,6 +16,7 @@ import torch
 import torch._dynamo
 
 import prac_fx
+from prac_fx import models
 
 OPTIONS = dict(rank=8, refresh_every=3, resample_every=2, seed=5)
 N_STEPS, M_STEPS = 4, 5
@@ -35,9 +36,12 @@ class DropoutMLP(torch.nn.Module):
         return self.down(h)
 
 
-def build():
+def build(name="mlp"):
     torch.manual_seed(0)
-    model = DropoutMLP()
+    if name == "gpt2":  # dropout in embeddings, attention and residuals
+        model = models.build("gpt2", layers=2, width=64, seq=32, vocab=128, dropout=0.1)
+    else:
+        model = DropoutMLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return model, opt
 
@@ -47,12 +51,20 @@ def data(step):
     return torch.randn(2, 32, 64, generator=g), torch.randn(2, 32, 16, generator=g)
 
 
-def train(compiled, opt, start, steps):
+def lm_data(step):
+    return models.batch(128, 2, 32, seed=1000 + step)
+
+
+def train(compiled, opt, start, steps, name="mlp"):
     losses = []
     for step in range(start, start + steps):
-        x, y = data(step)
         opt.zero_grad()
-        loss = (compiled(x) - y).square().mean()
+        if name == "gpt2":
+            ids = lm_data(step)
+            loss = compiled(ids, labels=ids).loss
+        else:
+            x, y = data(step)
+            loss = (compiled(x) - y).square().mean()
         loss.backward()
         opt.step()
         losses.append(loss.detach())
@@ -69,9 +81,9 @@ def bases(backend) -> dict:
     return {k: g.basis.clone() for k, g in backend.store.groups.items()}
 
 
-def resume(path: str, compiler: str, out: str) -> None:
+def resume(path: str, name: str, compiler: str, out: str) -> None:
     """The fresh process: build, load, compile with a new backend, train M steps, save results."""
-    model, opt = build()
+    model, opt = build(name)
     state = torch.load(path)  # weights_only: the backend state is plain tensors and numbers
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
@@ -79,25 +91,25 @@ def resume(path: str, compiler: str, out: str) -> None:
     backend.load_state_dict(state["prac"])  # before the first compile
     torch.set_rng_state(state["torch_rng"])
     compiled = torch.compile(model, backend=backend)
-    losses = train(compiled, opt, N_STEPS, M_STEPS)
+    losses = train(compiled, opt, N_STEPS, M_STEPS, name)
     torch.save({"losses": losses, "params": model.state_dict(), "bases": bases(backend),
                 "calls": {k: g.calls for k, g in backend.store.groups.items()},
                 "graphs": len(backend.graphs)}, out)
 
 
-@pytest.mark.parametrize("compiler", ["eager", "inductor"])
-def test_resume_in_fresh_process_is_bitwise_equal(tmp_path, compiler):
+@pytest.mark.parametrize("name,compiler", [("mlp", "eager"), ("mlp", "inductor"), ("gpt2", "eager")])
+def test_resume_in_fresh_process_is_bitwise_equal(tmp_path, name, compiler):
     torch._dynamo.reset()
-    model, opt = build()
+    model, opt = build(name)
     backend = prac_fx.backend(**OPTIONS, compiler=compiler)
     compiled = torch.compile(model, backend=backend)
-    first = train(compiled, opt, 0, N_STEPS)
+    first = train(compiled, opt, 0, N_STEPS, name)
     ckpt = tmp_path / "ckpt.pt"
     torch.save(checkpoint(model, opt, backend), ckpt)
-    expected = train(compiled, opt, N_STEPS, M_STEPS)
+    expected = train(compiled, opt, N_STEPS, M_STEPS, name)
     assert torch.isfinite(first).all() and torch.isfinite(expected).all()
     groups = backend.store.groups
-    assert set(groups) == {"up", "mid", "down"}
+    assert len(groups) == {"mlp": 3, "gpt2": 9}[name], list(groups)
     # refreshes at calls 0, 3, 6 (two after the resume point), resamples every 2 calls
     assert {g.refreshes for g in groups.values()} == {3}
 
@@ -106,7 +118,7 @@ def test_resume_in_fresh_process_is_bitwise_equal(tmp_path, compiler):
     root = os.path.dirname(os.path.dirname(os.path.abspath(prac_fx.__file__)))
     path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, __file__, str(ckpt), compiler, str(out)],
+    proc = subprocess.run([sys.executable, __file__, str(ckpt), name, compiler, str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(out)
@@ -223,4 +235,4 @@ def test_rank_seeds_and_loading_another_ranks_state(monkeypatch, caplog):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    resume(sys.argv[1], sys.argv[2], sys.argv[3])
+    resume(*sys.argv[1:5])
