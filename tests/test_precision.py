@@ -1,4 +1,4 @@
-"""bfloat16 through the backend: CPU autocast and bf16 weights.
+"""bfloat16 through the backend: CPU autocast (and fp16 autocast) and bf16 weights.
 
 Bases stay float32 in the store; the compressed copy ``x @ P`` follows the activation dtype
 (bf16 under autocast, where the linear itself runs in bf16); gradients keep the parameter's
@@ -27,10 +27,10 @@ class MLP(torch.nn.Module):
         return self.down(h)
 
 
-def _step(model, x, grad_out, autocast: bool):
+def _step(model, x, grad_out, autocast: bool, dtype=torch.bfloat16):
     model.zero_grad()
     x = x.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
         out = model(x)
     out.backward(grad_out.to(out.dtype))
     grads = {k.removeprefix("_orig_mod."): p.grad.clone() for k, p in model.named_parameters()}
@@ -79,18 +79,20 @@ def test_autocast_full_rank_matches_eager_autocast(compiler):
         assert _compressed_copies(be) == ["bfloat16"] * 3
 
 
-def test_autocast_low_rank_with_refresh():
-    """Low rank under autocast: forward and input gradient as eager autocast, bf16 saved copies
-    of rank r, float32 bases refitted from the (float32) Gram matrices of bf16 activations."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_low_rank_with_refresh(dtype):
+    """Low rank under autocast: forward and input gradient as eager autocast, bf16 (fp16) saved
+    copies of rank r, float32 bases refitted from float32 Gram matrices of the activations."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MLP()
     x, grad_out = _data()
-    ref_out, ref_gx, ref = _step(model, x, grad_out, autocast=True)
+    ref_out, ref_gx, ref = _step(model, x, grad_out, autocast=True, dtype=dtype)
     be = prac_fx.backend(rank=8, refresh_every=2, resample_every=1, compiler="eager")
     compiled = torch.compile(model, backend=be)
     for _ in range(3):
-        out, gx, grads = _step(compiled, x, grad_out, autocast=True)
+        out, gx, grads = _step(compiled, x, grad_out, autocast=True, dtype=dtype)
+        assert out.dtype == dtype
         torch.testing.assert_close(out, ref_out)
         torch.testing.assert_close(gx, ref_gx, rtol=1.6e-2, atol=1e-5)
         torch.testing.assert_close(grads["up.bias"], ref["up.bias"])
@@ -98,7 +100,7 @@ def test_autocast_low_rank_with_refresh():
     assert rel_err(grads["mid.weight"], ref["mid.weight"]) > 0.05  # really compressed
     assert {g.refreshes for g in be.store.groups.values()} == {2}
     _check_store(be)
-    assert _compressed_copies(be) == ["bfloat16"] * 3
+    assert _compressed_copies(be) == [str(dtype).removeprefix("torch.")] * 3
     assert len(be.graphs) == 1
 
 
