@@ -14,6 +14,13 @@ storage. Totals count each storage once and leave out parameters and views of th
 ``prac_fx.memory.saved_tensors`` does with ``saved_tensors_hooks`` at run time; graph inputs
 that are not parameters (token ids, buffers, the PRAC bases) count. The report also carries the
 hooks' measurement of the same step (``measured``), and ``agrees`` says whether the two match.
+They can differ where the graph cannot tell what Inductor did at run time (a view it
+materialises as its own buffer) or where two graphs save one storage (counted by each graph,
+once by the hooks); the measurement is then the one to trust.
+
+Names are AOTAutograd's. The PRAC side's nodes take the names of the Inductor side's nodes they
+match (``prac_fx.graph_text.align``), so a tensor both sides save has one name in the saved
+table and in the diffs; a new node keeps its name or takes the next free counter.
 
 JSON schema (``"schema": "prac-fx-diff/1"``)
 --------------------------------------------
@@ -21,7 +28,8 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
 
     {
       "schema": "prac-fx-diff/1",
-      "model": {"spec": str, "label": str, "settings": {str: int}},
+      "model": {"spec": str, "label": str,
+                "settings": {str: int}},             # preset size, or the batch/seq given
       "config": {"rank": int | float, "split": int | float, "exclude": [str]},
       "graphs": [{"index": int, "note": str}],        # one per Dynamo graph (graph breaks);
                                                      # note: why a graph was left unchanged
@@ -51,8 +59,9 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
         "added": [{"graph": int, "name": str, "bytes": int}]},   # removed / added
       "flops": {
         "sites": [{"graph": int, "module": str, "N": int, "n": int, "m": int, "r": int,
-                   "exact": int, "factored": int}],   # weight-gradient matmul flops
-        "exact": int, "factored": int, "ratio": float,
+                   "exact": int, "factored": int}],   # weight-gradient matmul flops;
+                                                     # r = 0 and factored = exact if skipped
+        "exact": int, "factored": int, "ratio": float | null,
         "compress": int},                            # forward flops of x @ P, all groups
       "diffs": [{"graph": int, "kind": "dynamo" | "forward" | "backward",
                  "before": str, "after": str,        # labels

@@ -208,8 +208,8 @@ td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}
 tr.rewritten td,tr.added td{background:#e9f7ec} tr.removed td{background:#fdecea}
 tr.other td{color:#888}
 pre{font:12px ui-monospace,monospace;background:#fafafa;padding:8px;overflow-x:auto}
-.add{background:#e6ffec;display:block} .del{background:#ffebe9;display:block}
-.hunk{color:#0550ae;display:block} .mark{color:#9a6700}
+pre>span{display:block;min-height:1.2em} .head{font-weight:600}
+.add{background:#e6ffec} .del{background:#ffebe9} .hunk{color:#0550ae} .mark{color:#9a6700}
 summary{cursor:pointer;font-weight:600;margin:.5em 0}
 """
 
@@ -224,19 +224,14 @@ def _table(head: list[str], rows: list[list], classes: list[str] | None = None) 
 
 
 def _diff_line(line: str) -> str:
+    """One diff line as a block span (so no newline is needed inside the ``<pre>``)."""
     e = html.escape(line)
     if "# prac:" in e:
         code, _, note = e.partition("# prac:")
         e = f'{code}<span class="mark"># prac:{note}</span>'
-    if line.startswith(("+++", "---")):
-        return f"<b>{e}</b>\n"
-    if line.startswith("@@"):
-        return f'<span class="hunk">{e}</span>'
-    if line.startswith("+"):
-        return f'<span class="add">{e}</span>'
-    if line.startswith("-"):
-        return f'<span class="del">{e}</span>'
-    return e + "\n"
+    cls = ("head" if line.startswith(("+++", "---")) else "hunk" if line.startswith("@@") else
+           "add" if line.startswith("+") else "del" if line.startswith("-") else "ctx")
+    return f'<span class="{cls}">{e}</span>'
 
 
 def as_html(report: dict) -> str:
