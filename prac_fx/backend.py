@@ -5,8 +5,8 @@ Inductor, and return a runner that feeds it the bases.
 basis store; ``backend="prac"`` uses one process-wide backend with the default configuration.
 
 Graphs compiled with grad disabled (``torch.no_grad()``, inference) go to Inductor unchanged:
-inference is exact and does no extra work. A graph the passes fail on falls back to plain
-Inductor with a logged reason instead of stopping training.
+inference is exact and does no extra work. A graph the passes fail on, or whose rewritten form
+fails to compile, falls back to plain Inductor with a logged reason instead of stopping training.
 """
 from __future__ import annotations
 
@@ -97,7 +97,16 @@ class PracBackend:
         examples = [work_nodes[g.basis_placeholder].meta.get("example_value") for g in state.groups]
         if any(e is None for e in examples):
             examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
-        compiled = self._compile(work, [*example_inputs, *examples], record)
+        try:
+            compiled = self._compile(work, [*example_inputs, *examples], record)
+        except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
+            log.warning("prac_fx: graph %d: the rewritten graph failed to compile (%s: %s); "
+                        "compiled unchanged", record.index, type(err).__name__, err)
+            # as when the passes fail: the record lists no sites, its note says why
+            record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {err}"
+            record.sites, record.groups, record.rewritten_code = [], [], ""
+            record.placement.clear()
+            return self._compile(gm, example_inputs, record)
         probe = None
         if any(g.r1 > 0 for g in state.groups):
             try:

@@ -96,6 +96,38 @@ def test_pass_failure_falls_back_to_plain_inductor(monkeypatch, caplog):
         torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-5, atol=1e-6)
 
 
+def test_rewritten_graph_failing_to_compile_falls_back(monkeypatch, caplog):
+    """The passes succeed but AOTAutograd cannot trace the result: the original graph is
+    compiled instead, nothing is compressed, training goes on."""
+    from passes.ops import CompressedLinear
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScaledMLP()
+    x, scale = torch.randn(2, 16, 32), torch.rand(64)
+    model.zero_grad()
+    model(x, scale).square().sum().backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    def untraceable(ctx, *args):
+        raise NotImplementedError("op not supported by this tracer")
+
+    monkeypatch.setattr(CompressedLinear, "forward", staticmethod(untraceable))
+    be = prac_fx.backend(rank=4, compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        for _ in range(2):
+            model.zero_grad()
+            compiled(x, scale).square().sum().backward()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("rewritten graph failed to compile (" in m and "op not supported" in m
+               for m in messages) == 1, messages
+    assert len(be.graphs) == 1 and be.graphs[0].note.startswith("fallback: rewritten graph")
+    assert be.report().sites_rewritten == 0 and be.graphs[0].groups == []
+    for k, p in model.named_parameters():  # exact: the original graph ran
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
 class ComplexAndInt(torch.nn.Module):
     """A complex trained weight and an integer buffer: neither may be compressed."""
 
