@@ -100,10 +100,11 @@ class PracBackend:
         try:
             compiled = self._compile(work, [*example_inputs, *examples], record)
         except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
+            first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is a traceback
             log.warning("prac_fx: graph %d: the rewritten graph failed to compile (%s: %s); "
-                        "compiled unchanged", record.index, type(err).__name__, err)
+                        "compiled unchanged", record.index, type(err).__name__, first_line)
             # as when the passes fail: the record lists no sites, its note says why
-            record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {err}"
+            record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
             record.sites, record.groups, record.rewritten_code = [], [], ""
             record.placement.clear()
             return self._compile(gm, example_inputs, record)
