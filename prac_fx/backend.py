@@ -20,12 +20,23 @@ import torch.fx
 import passes
 from passes import probe as probe_graph
 from passes.graph_state import Group, Site
+from passes.sites import match
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
 from prac_fx.report import GraphRecord, Report, placement
 from prac_fx.runner import PracRunner
 
 log = logging.getLogger("prac_fx")
+
+
+def _real_tensor(node: torch.fx.Node) -> torch.Tensor | None:
+    """The real tensor Dynamo traced a graph input with (its parameter), when it recorded one."""
+    grapharg = node.meta.get("grapharg")
+    try:
+        example = grapharg.example if grapharg is not None else None
+    except Exception:  # the weak reference died
+        return None
+    return example if isinstance(example, torch.Tensor) else None
 
 
 def _inductor(gm, example_inputs, inner_compile=None):
@@ -86,6 +97,8 @@ class PracBackend:
 
         devices = []
         by_name = {n.name: n for n in gm.graph.nodes}
+        names = [g.key for g in state.groups]  # before each weight claims its own key
+        owner_args = self._claim(gm, state)
         for group in state.groups:
             val = by_name[group.input_node].meta.get("example_value")
             device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
@@ -116,7 +129,29 @@ class PracBackend:
                 log.warning("prac_fx: graph %d: no activation probe (%s); principal bases stay "
                             "random orthonormal, which keeps gradients unbiased", record.index, err)
                 record.note = f"no probe: {err}"
-        return PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str))
+        return PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str),
+                          owner_args, names)
+
+    def _claim(self, gm: torch.fx.GraphModule, state) -> list[int | None]:
+        """Give each group the store key of its own weight (``BasisStore.claim``): a block class
+        compiled once per layer names its modules alike (``up``, ``down``) in every layer.
+
+        Returns, per group, the position among the graph's inputs of the weight that owns its
+        basis, so that the runner can do the same for instances that reuse this graph."""
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        by_name = {n.name: n for n in gm.graph.nodes}
+        sites = {s.node: s for s in state.sites}
+        owner_args: list[int | None] = []
+        for group in state.groups:
+            weight = match(by_name[group.sites[0]])[2]
+            index = placeholders.index(weight) if weight in placeholders else None
+            owner_args.append(index)
+            key = self.store.claim(group.key, _real_tensor(weight))
+            if key != group.key:
+                for name in group.sites:
+                    sites[name].group = key
+                group.key = key
+        return owner_args
 
     def _compile(self, gm, example_inputs, record: GraphRecord):
         if self.compiler == "eager":

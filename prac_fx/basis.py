@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import weakref
 
 import torch
 
@@ -69,6 +70,29 @@ class BasisStore:
         self.seed = config.seed  # the generator's seed (per rank, fixed at the first register)
         self._seeded = False  # True once the rank is known or a state was loaded
         self._warned: set[str] = set()
+        self._owners: dict[str, weakref.ref] = {}  # key -> the parameter whose basis it holds
+
+    def claim(self, key: str, owner: torch.Tensor | None) -> str:
+        """The key under which the group of ``owner`` (the real weight of its first site) keeps its
+        basis: ``key`` for the first live weight to claim it, ``key@1``, ``key@2``, ... for other
+        weights that arrive under the same name.
+
+        Keys name modules relative to the compiled frame, so the blocks of a model compiled one
+        by one (``block.compile(...)``, as under FSDP2) all give ``up``, ``down``, ...: without
+        this each layer would read and refit the others' bases. Claims are made in call order,
+        hence the same on every rank and in every run. ``owner=None`` (unknown) keeps ``key``.
+        """
+        if owner is None:
+            return key
+        index = 0
+        while True:
+            name = key if index == 0 else f"{key}@{index}"
+            ref = self._owners.get(name)
+            held = None if ref is None else ref()
+            if held is None or held is owner:  # free, freed (a deleted model), or its own
+                self._owners[name] = weakref.ref(owner)
+                return name
+            index += 1
 
     def register(self, key: str, n: int, r1: int, r2: int, device) -> GroupBasis:
         self._ensure_seeded()  # the first compile: the process group, if any, exists by now

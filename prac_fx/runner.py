@@ -4,12 +4,20 @@ Per training call it (1) refits the principal basis of every group that is due, 
 probe graph (a no-grad forward that returns Gram matrices, with the RNG state restored after, so
 dropout masks are the same as without the probe); (2) redraws random complements that are due;
 (3) calls the compiled graph with the bases appended to the arguments; (4) counts the call.
+
 A basis is only ever replaced by a new tensor, never written in place, so the saved copy a
 backward reads always belongs to the basis its forward used.
+
+Dynamo reuses one compiled graph for every instance of a module class whose guards pass (the
+blocks of a model compiled one by one, as under FSDP2, differ only in their parameters, which
+are graph inputs). So the runner finds each group's basis by the weight it is called with: the
+first weight to arrive keeps the group's key, other weights get keys of their own
+(``BasisStore.claim``), and each layer has its own bases and counters.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -29,24 +37,50 @@ def call_compiled(fn: Callable, args: list):
 
 class PracRunner:
     def __init__(self, compiled: Callable, probe: torch.fx.GraphModule | None,
-                 groups: Sequence[Group], store: BasisStore, devices: list[torch.device]):
+                 groups: Sequence[Group], store: BasisStore, devices: list[torch.device],
+                 owner_args: Sequence[int | None] | None = None,
+                 names: Sequence[str] | None = None):
         self.compiled = compiled
         self.probe = probe
         self.groups = list(groups)
-        self.keys = [g.key for g in self.groups]
+        self.keys = [g.key for g in self.groups]  # the keys of the instance it was compiled for
         self.store = store
         self.cuda_devices = [d for d in devices if d.type == "cuda"]
         self.calls = 0
+        # per group: the position in the arguments of the weight that owns its basis (None: unknown)
+        self.owner_args = list(owner_args) if owner_args is not None else [None] * len(self.groups)
+        # per group: the name its weights claim a key under (the key before ``BasisStore.claim``)
+        self.names = list(names) if names is not None else list(self.keys)
+        self._bound: dict[tuple, tuple[list, list[str]]] = {}  # weight ids -> (weakrefs, keys)
 
-    def _refresh(self, args: tuple, keys: list[str]) -> None:
+    def _keys(self, args: tuple) -> list[str]:
+        """The store keys of this call's weights (cached per set of weights)."""
+        if all(i is None for i in self.owner_args):
+            return self.keys
+        owners = [None if i is None else args[i] for i in self.owner_args]
+        ident = tuple(map(id, owners))
+        hit = self._bound.get(ident)
+        if hit is not None and all((r is None and o is None) or (r is not None and r() is o)
+                                   for r, o in zip(hit[0], owners)):
+            return hit[1]
+        keys = []
+        for group, name, owner in zip(self.groups, self.names, owners):
+            key = self.store.claim(name, owner)
+            device = self.store.groups[group.key].device
+            self.store.register(key, group.n, group.r1, group.r2, device)
+            keys.append(key)
+        self._bound[ident] = ([None if o is None else weakref.ref(o) for o in owners], keys)
+        return keys
+
+    def _refresh(self, args: tuple, keys: list[str], due_keys: list[str]) -> None:
         if self.probe is None:  # no activation to fit to: keep (or draw) Q1, redraw Q2
-            for key in keys:
+            for key in due_keys:
                 self.store.refresh(key, None)
             return
         with torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):
             grams = self.probe(*args)
-        due = set(keys)
-        for key, gram in zip(self.keys, grams):
+        due = set(due_keys)
+        for key, gram in zip(keys, grams):
             if key in due:
                 self.store.refresh(key, gram)
         log.debug("refreshed %d bases", len(due))
@@ -67,22 +101,23 @@ class PracRunner:
         if any(isinstance(a, FakeTensor) for a in args):
             return self._shape_only(args)
         store = self.store
+        keys = self._keys(args)
         training = torch.is_grad_enabled()
         if training:
-            due = [k for k in self.keys if store.due_refresh(k)]
+            due = [k for k in keys if store.due_refresh(k)]
             if due:
-                self._refresh(args, due)
-            for key in self.keys:
+                self._refresh(args, keys, due)
+            for key in keys:
                 if key not in due and store.due_resample(key):
                     store.resample(key)
         else:
-            for key in self.keys:
+            for key in keys:
                 if store.basis(key) is None:
                     store.refresh(key, None)
-        bases = [store.basis(k) for k in self.keys]
+        bases = [store.basis(k) for k in keys]
         out = call_compiled(self.compiled, [*args, *bases])
         if training:
-            for key in self.keys:
+            for key in keys:
                 store.advance(key)
             self.calls += 1
         return out
