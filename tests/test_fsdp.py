@@ -13,7 +13,9 @@ Each worker (this file run as a script) trains four ways on its own fixed batch:
 on both ranks' batches together (the reference), plain FSDP2, FSDP2 with the blocks compiled at
 full rank, and at low rank. Full rank must match plain FSDP2, which must match the reference
 (the reduce-scatter averages the ranks' gradients); at low rank the ranks must agree after each
-reduction while drawing different bases (per-rank seeds), and the loss must go down.
+reduction while drawing different bases (per-rank seeds), and the loss must go down. Then a
+tiny transformers Llama with each decoder layer sharded and compiled with Inductor at full rank
+must match plain FSDP2.
 """
 import os
 import socket
@@ -89,6 +91,38 @@ def _train(rank, mode, backend=None):
     return result
 
 
+def _train_llama(rank, backend=None):
+    """A tiny transformers Llama, each decoder layer ``fully_shard``-ed and compiled."""
+    from torch.distributed.fsdp import fully_shard
+
+    from prac_fx import models
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.build("llama", layers=2, width=64, seq=16, vocab=128)
+    for layer in model.model.layers:
+        fully_shard(layer)
+        if backend is not None:
+            layer.compile(backend=backend)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = models.batch(128, 2, 16, seed=rank)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    result = {"losses": torch.stack(losses),
+              "params": {k: _full(p.detach()).clone() for k, p in model.named_parameters()}}
+    if backend is not None:
+        result["graphs"] = sum(g.training for g in backend.graphs)
+        result["calls"] = {k: g.calls for k, g in backend.store.groups.items()}
+        result["rewritten"] = backend.report().sites_rewritten
+    return result
+
+
 def worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -102,6 +136,8 @@ def worker(rank: int, port: int, out: str) -> None:
             "full": _train(rank, "fsdp", prac_fx.backend(rank=1.0, compiler="eager")),
             "low": _train(rank, "fsdp", prac_fx.backend(rank=8, refresh_every=2, resample_every=1,
                                                         compiler="eager")),
+            "llama_plain": _train_llama(rank),
+            "llama_full": _train_llama(rank, prac_fx.backend(rank=1.0)),  # Inductor
         }
         torch.save(results, out)
     finally:
@@ -159,6 +195,17 @@ def test_fsdp2_two_processes(tmp_path):
         assert torch.isfinite(low["losses"]).all() and (low["losses"].diff() < 0).all()
         # and by at least half as much as exact training
         assert low["losses"][0] - low["losses"][-1] > 0.5 * (plain["losses"][0] - plain["losses"][-1])
+    # Llama with Inductor: both decoder layers run one graph (7 sites), each with its own bases
+    llama_keys = {"self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj", "mlp.gate_proj+up_proj",
+                  "mlp.down_proj"}
+    for r in range(WORLD):
+        plain, full = res[r]["llama_plain"], res[r]["llama_full"]
+        assert full["graphs"] == 1 and full["rewritten"] == 7
+        assert full["calls"] == {k + s: STEPS for k in llama_keys for s in ("", "@1")}
+        torch.testing.assert_close(full["losses"], plain["losses"])
+        assert plain["losses"][-1] < plain["losses"][0]
+        for k, v in plain["params"].items():
+            torch.testing.assert_close(full["params"][k], v, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close((res[0]["plain"]["losses"] + res[1]["plain"]["losses"]) / 2,
                                ref["losses"])
     # low rank: the ranks hold the same reduced gradient and parameters, yet drew their own
