@@ -196,3 +196,14 @@ def test_blocks_compiled_one_by_one_get_their_own_bases():
         [["up", "down"], ["up@1", "down@1"], ["up", "down"], ["up@1", "down@1"]]
     # each block fitted and drew its own
     assert not torch.equal(be.store.basis("up@1"), be.store.basis("up@2"))
+
+
+def test_claim_gives_each_weight_its_own_key():
+    store = prac_fx.backend(rank=4).store
+    a, b, c = (torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3))
+    assert [store.claim("up", w) for w in (a, b, a, c, b)] == ["up", "up@1", "up", "up@2", "up@1"]
+    assert store.claim("up", None) == "up"  # weight unknown: the name itself
+    assert store.claim("down", b) == "down"  # keys are per name, not per weight
+    del b  # a key whose weight is gone is free again (a model replaced by a new one)
+    d = torch.nn.Parameter(torch.zeros(2, 2))
+    assert store.claim("up", d) == "up@1" and store.claim("up", a) == "up"
