@@ -28,6 +28,7 @@ import prac_fx
 
 WORLD, STEPS, BLOCKS = 2, 4, 3
 KEYS = {"up", "down", "up@1", "down@1", "up@2", "down@2"}
+LOW = {"rank": 8, "refresh_every": 2, "resample_every": 1, "compiler": "eager"}
 
 
 class Block(torch.nn.Module):
@@ -91,6 +92,18 @@ def _train(rank, mode, backend=None):
     return result
 
 
+def _local_grads(rank, backend):
+    """The first step's gradient on this rank alone (no FSDP, no reduction), with the bases the
+    FSDP2 run draws at that step (same seed, same activations, same order of draws)."""
+    torch._dynamo.reset()
+    model = _model()
+    for block in model:
+        block.compile(backend=backend)
+    x, y = _batch(rank)
+    (model(x) - y).square().mean().backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
 def _train_llama(rank, backend=None):
     """A tiny transformers Llama, each decoder layer ``fully_shard``-ed and compiled."""
     from torch.distributed.fsdp import fully_shard
@@ -134,8 +147,8 @@ def worker(rank: int, port: int, out: str) -> None:
             "reference": _train(rank, "reference"),
             "plain": _train(rank, "fsdp"),
             "full": _train(rank, "fsdp", prac_fx.backend(rank=1.0, compiler="eager")),
-            "low": _train(rank, "fsdp", prac_fx.backend(rank=8, refresh_every=2, resample_every=1,
-                                                        compiler="eager")),
+            "low": _train(rank, "fsdp", prac_fx.backend(**LOW)),
+            "low_local": _local_grads(rank, prac_fx.backend(**LOW)),
             "llama_plain": _train_llama(rank),
             "llama_full": _train_llama(rank, prac_fx.backend(rank=1.0)),  # Inductor
         }
@@ -208,8 +221,14 @@ def test_fsdp2_two_processes(tmp_path):
             torch.testing.assert_close(full["params"][k], v, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close((res[0]["plain"]["losses"] + res[1]["plain"]["losses"]) / 2,
                                ref["losses"])
-    # low rank: the ranks hold the same reduced gradient and parameters, yet drew their own
-    # bases, and the compressed gradient differs from the exact one
+    # low rank: the reduce-scatter averaged the two ranks' own compressed estimates
+    local = [res[r]["low_local"] for r in range(WORLD)]
+    for k in local[0]:
+        assert not torch.allclose(local[0][k], local[1][k]), k
+        torch.testing.assert_close(res[0]["low"]["grads"][0][k], (local[0][k] + local[1][k]) / 2,
+                                   rtol=1e-4, atol=1e-6)
+    # the ranks hold the same reduced gradient and parameters, yet drew their own bases, and
+    # the compressed gradient differs from the exact one
     for step in range(STEPS):
         for k, v in res[0]["low"]["grads"][step].items():
             assert torch.equal(res[1]["low"]["grads"][step][k], v), (step, k)
