@@ -1,9 +1,16 @@
-"""python -m bench: the benchmark suite (memory, step time) against eager and Inductor.
+"""python -m bench: memory, step time and convergence of PRAC against eager, Inductor and the
+memory-saving alternatives.
 
-Re-executes itself once with the allocator settings that make peak-memory figures true on CPU
-(``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``: large blocks come from mmap and go
-back to the OS when freed, so the peak resident size tracks live bytes) and with OpenMP told not
-to spin-wait.
+    python -m bench [--quick]                    memory / speed suite (tiny GPT-2 and Llama)
+    python -m bench convergence [--quick]        pre-training on Shakespeare, validation perplexity
+    python -m bench finetune                     MiniLM on movie-review sentiment, held-out accuracy
+
+The suite re-executes itself once with the allocator settings that make peak-memory figures true
+on CPU (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``: large blocks come from mmap
+and go back to the OS when freed, so the peak resident size tracks live bytes) and with OpenMP
+told not to spin-wait. Long runs are cached under ``bench/results/`` (or ``$PRAC_BENCH_CACHE``)
+with their configuration; the suite table shows the perplexity of every variant whose
+convergence run is cached.
 """
 from __future__ import annotations
 
@@ -11,9 +18,11 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+COMMANDS = ("suite", "convergence", "finetune")
 
 
 def _reexec_with_env(threads: int) -> None:
@@ -24,56 +33,58 @@ def _reexec_with_env(threads: int) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "bench", *sys.argv[1:]])
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="gpt2,llama", help="comma-separated presets (gpt2, llama)")
-    p.add_argument("--quick", action="store_true", help="fewer timing rounds (5 instead of 11)")
-    p.add_argument("--repeats", type=int, default=None, help="timing rounds (overrides --quick)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--warm-cache", action="store_true",
-                   help="let Inductor reuse compiled graphs from its on-disk cache (compile_s then "
-                        "measures a cache hit, not a compile)")
-    p.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    p.add_argument("--markdown", action="store_true", help="print tables as GitHub markdown")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    return p.parse_args(argv)
+    p.add_argument("--plot", metavar="PNG", help="also draw the figure to this PNG file")
 
 
-def main(argv=None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    if argv is None:
-        _reexec_with_env(args.threads)
-    import torch
-    from tabulate import tabulate
+def parse(argv):
+    command = argv[0] if argv and argv[0] in COMMANDS else "suite"
+    rest = argv[1:] if argv and argv[0] in COMMANDS else argv
+    p = argparse.ArgumentParser(prog=f"python -m bench {command}".replace(" suite", ""),
+                                description=__doc__.split("\n")[0])
+    _common(p)
+    if command == "suite":
+        p.add_argument("--models", default="gpt2,llama", help="comma-separated presets (gpt2, llama)")
+        p.add_argument("--quick", action="store_true",
+                       help="the main variants, 5 timing rounds (default: all variants, 11 rounds)")
+        p.add_argument("--variants", help="comma-separated variant names (see bench/variants.py)")
+        p.add_argument("--repeats", type=int, default=None, help="timing rounds (overrides --quick)")
+        p.add_argument("--layers", type=int, default=4)
+        p.add_argument("--width", type=int, default=256)
+        p.add_argument("--seq", type=int, default=256)
+        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--ppl-steps", type=int, default=2000,
+                       help="convergence runs of this length (cached) give the perplexity columns")
+        p.add_argument("--warm-cache", action="store_true",
+                       help="let Inductor reuse compiled graphs from its on-disk cache (compile_s "
+                            "then measures a cache hit, not a compile)")
+    elif command == "convergence":
+        p.add_argument("--models", "--model", default="gpt2", help="comma-separated presets")
+        p.add_argument("--variants", default="inductor,prac-n/4")
+        p.add_argument("--steps", type=int, default=2000)
+        p.add_argument("--quick", action="store_true", help="200 steps, evaluated every 50")
+        p.add_argument("--eval-every", type=int, default=None)
+        p.add_argument("--jobs", type=int, default=1,
+                       help="train this many variants at once, each in its own process")
+        p.add_argument("--cached-only", action="store_true",
+                       help="only print what is cached; train nothing")
+    else:
+        p.add_argument("--variants", default="inductor,prac-n/4")
+        p.add_argument("--steps", type=int, default=400)
+        p.add_argument("--jobs", type=int, default=1)
+        p.add_argument("--cached-only", action="store_true")
+    args = p.parse_args(rest)
+    args.command = command
+    return args
 
-    from bench import variants
-    from bench.harness import Setup, machine, run_suite
 
-    torch.set_num_threads(args.threads)
-    if not args.warm_cache:
-        import torch._inductor.config
-
-        torch._inductor.config.fx_graph_cache = False
-    repeats = args.repeats or (5 if args.quick else 11)
-    setup = Setup(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch,
-                  repeats=repeats)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    rows = run_suite(names, variants.default_set(), setup,
-                     progress=lambda s: print(s, file=sys.stderr, flush=True))
-    print(f"Machine: {machine()}")
-    print(f"Models: {setup.layers} layers, width {setup.width}, vocab {setup.vocab}; "
-          f"{setup.dtype}, batch {setup.batch}, seq {setup.seq}; median of {repeats} "
-          "alternating steps (forward + backward)")
-    cols = ["model", "variant", "saved_mib", "saved_vs_eager", "saved_vs_inductor", "peak_mib",
-            "peak_vs_inductor", "step_ms", "step_vs_eager", "step_vs_inductor", "tokens_per_s",
-            "compile_s"]
-    table = [[getattr(r, c) for c in cols] for r in rows]
-    print(tabulate(table, headers=cols, floatfmt=".3g",
-                   tablefmt="github" if args.markdown else "simple"))
+def _write(rows, header: dict, args) -> None:
+    if not rows:
+        return
     if args.csv:
         import csv
 
@@ -83,9 +94,121 @@ def main(argv=None) -> int:
             w.writerows(dataclasses.asdict(r) for r in rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "setup": dataclasses.asdict(setup),
-                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+            json.dump(header | {"rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parallel(argv_of, items: list[str], jobs: int) -> None:
+    """Run ``python -m bench <argv_of(item)>`` for the items, ``jobs`` at a time."""
+    running: list[subprocess.Popen] = []
+    for item in items:
+        while len(running) >= jobs:
+            running.pop(0).wait()
+        running.append(subprocess.Popen([sys.executable, "-m", "bench", *argv_of(item)]))
+    for proc in running:
+        proc.wait()
+
+
+def suite(args) -> int:
+    import torch
+
+    from bench import report, variants
+    from bench.harness import Setup, machine, run_suite
+
+    torch.set_num_threads(args.threads)
+    if not args.warm_cache:
+        import torch._inductor.config
+
+        torch._inductor.config.fx_graph_cache = False
+    repeats = args.repeats or (5 if args.quick else 11)
+    names = _names(args.variants) if args.variants else (variants.QUICK if args.quick else variants.FULL)
+    setup = Setup(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch,
+                  repeats=repeats, refresh_repeats=2 if args.quick else 3)
+    rows = run_suite(_names(args.models), [variants.by_name(n) for n in names], setup,
+                     progress=lambda s: print(s, file=sys.stderr, flush=True))
+    ppl = report.attach_perplexity(rows, names, setup, args.ppl_steps)
+    header = report.suite_header(setup, machine())
+    print(header)
+    print(report.suite_table(rows, markdown=args.markdown, perplexity=ppl))
+    print(report.SUITE_NOTES.format(steps=args.ppl_steps))
+    if args.plot:
+        report.plot_tradeoff(rows, args.plot, title=header.splitlines()[-1])
+    _write(rows, {"machine": machine(), "setup": dataclasses.asdict(setup)}, args)
     return 0
+
+
+def convergence(args) -> int:
+    import torch
+
+    from bench import convergence as conv
+    from bench import report
+    from bench.harness import machine
+
+    steps = 200 if args.quick else args.steps
+    every = args.eval_every or (50 if args.quick else 250)
+    models, names = _names(args.models), _names(args.variants)
+    configs = [conv.TrainConfig(model=m, variant=v, steps=steps, eval_every=every)
+               for m in models for v in names]
+    todo = [c for c in configs if conv.load(c) is None]
+    if todo and not args.cached_only:
+        if args.jobs > 1:
+            _parallel(lambda c: ["convergence", "--models", c.model, "--variants", c.variant,
+                                 "--steps", str(steps), "--eval-every", str(every),
+                                 "--threads", str(args.threads)],
+                      todo, args.jobs)
+        else:
+            torch.set_num_threads(args.threads)
+            for c in todo:
+                conv.train(c)
+    results = [r for r in (conv.load(c) for c in configs) if r is not None]
+    if not results:
+        print("no finished run cached for this configuration", file=sys.stderr)
+        return 1
+    rows = report.convergence_rows(results)
+    print(report.convergence_header(results[0]))
+    print(report.convergence_table(rows, markdown=args.markdown))
+    if args.plot:
+        report.plot_curves(results, args.plot)
+    _write(rows, {"machine": results[0]["machine"], "config": results[0]["config"]}, args)
+    return 0
+
+
+def finetune(args) -> int:
+    import torch
+
+    from bench import finetune as ft
+    from bench import report
+
+    names = _names(args.variants)
+    configs = [ft.FinetuneConfig(variant=v, steps=args.steps) for v in names]
+    todo = [c for c in configs if ft.load(c) is None]
+    if todo and not args.cached_only:
+        if args.jobs > 1:
+            _parallel(lambda c: ["finetune", "--variants", c.variant, "--steps", str(args.steps),
+                                 "--threads", str(args.threads)], todo, args.jobs)
+        else:
+            torch.set_num_threads(args.threads)
+            for c in todo:
+                ft.train(c)
+    results = [r for r in (ft.load(c) for c in configs) if r is not None]
+    if not results:
+        print("no finished run cached for this configuration", file=sys.stderr)
+        return 1
+    rows = report.finetune_rows(results)
+    print(report.finetune_header(results[0]))
+    print(report.finetune_table(rows, markdown=args.markdown))
+    _write(rows, {"machine": results[0]["machine"], "config": results[0]["config"]}, args)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        _reexec_with_env(args.threads)
+    return {"suite": suite, "convergence": convergence, "finetune": finetune}[args.command](args)
 
 
 if __name__ == "__main__":

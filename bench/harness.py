@@ -5,6 +5,11 @@ A *variant* is a name and a function that turns a model into the callable to tra
 (same seed, same weights), compiles each with its first step (timed apart as compile time),
 measures saved bytes and peak memory, then times ``repeats`` rounds in which every variant runs
 one step, in turn, and reports medians: noise on a shared machine hits all variants alike.
+
+For PRAC variants whose principal basis is fitted to activations, a *refresh step* (the step
+that first runs the no-grad probe forward and refits the basis) is timed in the same rounds, by
+setting the backend's call counters to the next multiple of ``refresh_every`` through its
+``state_dict``; its amortised share is ``(refresh - steady) / (steady * refresh_every)``.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ MiB = 2**20
 class Variant:
     name: str
     make: Callable[[torch.nn.Module], Callable]  # model -> the callable to train
+    # The callable's PRAC backend, if any, is read from its ``prac_backend`` attribute.
 
 
 @dataclasses.dataclass
@@ -40,12 +46,18 @@ class Row:
     step_ms: float
     tokens_per_s: float
     compile_s: float
+    refresh_ms: float = float("nan")
+    refresh_every: int = 0
+    refresh_amortised: float = float("nan")  # extra time per step from refreshes, / steady step
     saved_vs_eager: float = float("nan")
     saved_vs_inductor: float = float("nan")
     peak_vs_eager: float = float("nan")
     peak_vs_inductor: float = float("nan")
     step_vs_eager: float = float("nan")
     step_vs_inductor: float = float("nan")
+    ppl: float = float("nan")  # from the cached convergence run, when there is one
+    ppl_gap_vs_eager: float = float("nan")
+    ppl_gap_vs_inductor: float = float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +69,7 @@ class Setup:
     vocab: int = 2048
     dtype: str = "float32"
     repeats: int = 7
+    refresh_repeats: int = 3  # rounds that also time a refresh step of each PRAC variant
 
     @property
     def tokens(self) -> int:
@@ -94,6 +107,25 @@ def add_ratios(rows: list[Row]) -> None:
                 setattr(r, f"{col}_vs_{ref_name}", mine / theirs if theirs else float("nan"))
 
 
+def _backend_of(fn: Callable):
+    backend = getattr(fn, "prac_backend", None)
+    if backend is None or not backend.store.groups:
+        return None
+    if not any(g.r1 > 0 for g in backend.store.groups.values()):
+        return None  # random-only: nothing to refit
+    return backend
+
+
+def _make_refresh_due(backend) -> None:
+    """Set every group's call counter to the next multiple of ``refresh_every``: the next
+    training call refits the principal bases, as every ``refresh_every``-th call does."""
+    every = backend.config.refresh_every
+    state = backend.state_dict()
+    for g in state["store"]["groups"].values():
+        g["calls"] = -(-g["calls"] // every) * every
+    backend.load_state_dict(state)
+
+
 def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
               progress: Callable[[str], None] = lambda s: None) -> list[Row]:
     dtype = getattr(torch, setup.dtype)
@@ -114,17 +146,33 @@ def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
             _step(fn, ids, params)  # warm
             saved = memory.saved_bytes(lambda: fn(ids, labels=ids).loss, params)
             peak = memory.peak_rss_above(lambda: _step(fn, ids, params))
-            runs.append((v, model, params, fn, compile_s, saved, peak, []))
+            runs.append((v, model, params, fn, compile_s, saved, peak, [], []))
         for i in range(setup.repeats):
             progress(f"{name}: timing round {i + 1}/{setup.repeats}")
             order = runs if i % 2 == 0 else runs[::-1]
-            for v, model, params, fn, *_, times in order:
+            for v, model, params, fn, *_, times, refresh_times in order:
                 t = time.perf_counter()
                 _step(fn, ids, params)
                 times.append(time.perf_counter() - t)
-        for v, model, params, fn, compile_s, saved, peak, times in runs:
+                backend = _backend_of(fn)
+                if backend is not None and backend.config.refresh_every > 1 and i < setup.refresh_repeats:
+                    _make_refresh_due(backend)
+                    t = time.perf_counter()
+                    _step(fn, ids, params)
+                    refresh_times.append(time.perf_counter() - t)
+        for v, model, params, fn, compile_s, saved, peak, times, refresh_times in runs:
             step = statistics.median(times)
-            rows.append(Row(name, v.name, saved / MiB, peak / MiB, step * 1e3,
-                            setup.tokens / step, max(0.0, compile_s - step)))
+            row = Row(name, v.name, saved / MiB, peak / MiB, step * 1e3, setup.tokens / step,
+                      max(0.0, compile_s - step))
+            backend = _backend_of(fn)
+            if backend is not None:
+                every = row.refresh_every = backend.config.refresh_every
+                if every == 1:  # every step is a refresh step: step_ms is the refresh step
+                    row.refresh_ms = step * 1e3
+                elif refresh_times:
+                    refresh = statistics.median(refresh_times)
+                    row.refresh_ms = refresh * 1e3
+                    row.refresh_amortised = (refresh - step) / (step * every)
+            rows.append(row)
     add_ratios(rows)
     return rows

@@ -1,10 +1,59 @@
-"""The training set-ups a user would choose between, each as a ``Variant``."""
+"""The training set-ups a user would choose between, each as a ``Variant``, and their names.
+
+Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n/16``, ``n/8``,
+``n/4`` or ``0.6n`` (a fraction of each layer's input width n):
+
+==================  ===========================================================================
+``eager``           the model as it is
+``inductor``        ``torch.compile`` (Inductor)
+``ckpt``            Inductor, every transformer block under ``torch.utils.checkpoint``
+                    (non-reentrant): only block inputs are kept, the rest recomputed
+``budget``          Inductor with ``torch._functorch.config.activation_memory_budget = 0.5``:
+                    the partitioner recomputes cheap ops until half the activations are saved
+``prac-R``          PRAC at rank R, r1 = r2 (the paper's split)
+``prac-R+budget``   PRAC and the memory budget: the partitioner recomputes what it can and
+                    keeps compressed copies for the rest
+``prac-R+keephead`` PRAC on the transformer blocks only: the output head (``lm_head``, tied
+                    to the embedding in GPT-2) stays exact
+``random-R``        ablation: random part only (r1 = 0, k = n / r)
+``principal-R``     ablation: principal part only (r2 = 0; biased)
+``resample1-R``     ablation: the random part redrawn every step (T2 = 1)
+``refresh1-R``      the principal basis refitted every step (T1 = 1): the refresh step's cost
+==================  ===========================================================================
+"""
 from __future__ import annotations
+
+import contextlib
+from typing import Callable
 
 import torch
 
 import prac_fx
 from bench.harness import Variant
+
+RANKS = {"n/16": 1 / 16, "n/8": 1 / 8, "n/4": 1 / 4, "0.6n": 0.6}
+BUDGET = 0.5
+
+
+def _budget_context(budget: float) -> Callable[[], contextlib.AbstractContextManager]:
+    # The partitioner reads the budget when it splits the joint graph, i.e. while the first
+    # forward compiles; keeping it patched around every call also covers recompiles.
+    return lambda: torch._functorch.config.patch(activation_memory_budget=budget)
+
+
+def _wrap(fn: Callable, context: Callable[[], contextlib.AbstractContextManager]) -> Callable:
+    def call(*args, **kwargs):
+        with context():
+            return fn(*args, **kwargs)
+
+    call.prac_backend = getattr(fn, "prac_backend", None)
+    return call
+
+
+def _checkpoint_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def eager() -> Variant:
@@ -15,12 +64,63 @@ def inductor() -> Variant:
     return Variant("inductor", lambda model: torch.compile(model))
 
 
-def prac(rank: float | int, label: str | None = None, **options) -> Variant:
+def checkpoint() -> Variant:
+    return Variant("inductor+ckpt", lambda model: torch.compile(_checkpoint_blocks(model)))
+
+
+def budget(value: float = BUDGET) -> Variant:
+    return Variant(f"inductor budget={value}",
+                   lambda model: _wrap(torch.compile(model), _budget_context(value)))
+
+
+def prac(rank: float | int, label: str | None = None, *, with_budget: float | None = None,
+         **options) -> Variant:
     def make(model):
-        return torch.compile(model, backend=prac_fx.backend(rank=rank, **options))
+        backend = prac_fx.backend(rank=rank, **options)
+        fn = torch.compile(model, backend=backend)
+        fn.prac_backend = backend
+        return fn if with_budget is None else _wrap(fn, _budget_context(with_budget))
 
     return Variant(label or f"prac r={rank}", make)
 
 
+def _exact_head(fqn: str) -> bool:
+    return "lm_head" not in fqn
+
+
+def by_name(spec: str) -> Variant:
+    """The variant a command-line name stands for (see the module docstring)."""
+    spec = spec.strip()
+    fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget}
+    if spec in fixed:
+        return fixed[spec]()
+    kind, _, rest = spec.partition("-")
+    rank_name, *extras = rest.split("+")
+    unknown = set(extras) - {"budget", "keephead"}
+    if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
+        raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
+                         f"prac-R[+budget][+keephead], random-R, principal-R, resample1-R, "
+                         f"refresh1-R with R in {list(RANKS)}")
+    rank = RANKS[rank_name]
+    if kind == "prac":
+        label = f"prac r={rank_name}" + "".join(f" +{e}" for e in extras)
+        options = {"site_filter": _exact_head} if "keephead" in extras else {}
+        return prac(rank, label, with_budget=BUDGET if "budget" in extras else None, **options)
+    if kind == "random":
+        return prac(rank, f"random-only r={rank_name}", split=0.0)
+    if kind == "principal":
+        return prac(rank, f"principal-only r={rank_name}", split=1.0)
+    if kind == "resample1":
+        return prac(rank, f"prac r={rank_name} T2=1", resample_every=1)
+    if kind == "refresh1":
+        return prac(rank, f"prac r={rank_name} T1=1", refresh_every=1)
+    raise ValueError(f"unknown variant kind {kind!r} in {spec!r}")
+
+
+FULL = ["eager", "inductor", "ckpt", "budget", "prac-n/16", "prac-n/8", "prac-n/4", "prac-0.6n",
+        "prac-n/4+budget", "random-n/4", "principal-n/4", "resample1-n/4", "refresh1-n/4"]
+QUICK = ["eager", "inductor", "ckpt", "budget", "prac-n/8", "prac-n/4", "prac-n/4+budget"]
+
+
 def default_set() -> list[Variant]:
-    return [eager(), inductor(), prac(0.125, "prac r=n/8")]
+    return [by_name(n) for n in QUICK]

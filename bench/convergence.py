@@ -1,0 +1,160 @@
+"""Pre-train tiny GPT-2 / Llama models from scratch on Shakespeare, one run per variant.
+
+Every variant starts from the same weights (``seed``) and sees the same batches in the same
+order (``data_seed``); only how activations are kept for backward differs. Validation loss is the
+mean over a fixed set of held-out windows (``eval_batches`` x batch x seq tokens), evaluated under
+``torch.no_grad()`` every ``eval_every`` steps and at the end (the PRAC backend compiles
+no-grad graphs unchanged, so evaluation is exact for every variant).
+
+A finished run is cached as JSON under ``cache/convergence/`` keyed by a hash of its
+configuration; an unfinished one is written there as it goes (``"done": false``), so a table can
+be reprinted, or a long run watched, without re-running.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+from bench import data
+from prac_fx import models
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = "gpt2"
+    variant: str = "inductor"
+    steps: int = 2000
+    layers: int = 4
+    width: int = 256
+    seq: int = 256
+    batch: int = 8
+    vocab: int = 2048
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    data_seed: int = 1
+    eval_every: int = 250
+    eval_batches: int = 16
+    dtype: str = "float32"
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|shakespeare-bpe-v1"
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def path(self, cache: pathlib.Path) -> pathlib.Path:
+        safe = self.variant.replace("/", "_").replace("+", "_")
+        return cache / "convergence" / f"{self.model}-{safe}-{self.steps}-{self.key()}.json"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _evaluate(fn, batches: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return statistics.fmean(float(fn(ids, labels=ids).loss) for ids in batches)
+
+
+def load(cfg: TrainConfig, cache: pathlib.Path = data.CACHE) -> dict | None:
+    path = cfg.path(cache)
+    if path.exists():
+        result = json.loads(path.read_text())
+        if result.get("done"):
+            return result
+    return None
+
+
+def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = True) -> dict:
+    """Run (or load from the cache) one training run; returns its record."""
+    cached = load(cfg, cache)
+    if cached is not None:
+        return cached
+    from bench import variants
+    from bench.harness import machine
+
+    tokens = data.shakespeare(cfg.vocab, cache)
+    train_batches = data.Batches(tokens["train"], cfg.batch, cfg.seq, cfg.data_seed)
+    val = data.eval_batches(tokens["val"], cfg.batch, cfg.seq, cfg.eval_batches)
+
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, layers=cfg.layers, width=cfg.width, seq=cfg.seq,
+                         vocab=tokens["vocab"]).to(getattr(torch, cfg.dtype))
+    model.train()
+    fn = variants.by_name(cfg.variant).make(model)
+    opt = _optimizer(model, cfg)
+
+    record = {"config": dataclasses.asdict(cfg), "machine": machine(), "done": False,
+              "eval": [], "train_loss": [], "step_s": [], "compile_s": None,
+              "val_tokens": cfg.eval_batches * cfg.batch * cfg.seq}
+    path = cfg.path(cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.model}/{cfg.variant}", file=sys.stderr,
+                   mininterval=5.0, dynamic_ncols=True)
+    record["eval"].append({"step": 0, "val_loss": _evaluate(fn, val)})
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        ids = train_batches.next()
+        t = time.perf_counter()
+        loss = fn(ids, labels=ids).loss
+        loss.backward()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t
+        if step == 0:
+            record["compile_s"] = elapsed
+        else:
+            record["step_s"].append(elapsed)
+        record["train_loss"].append(loss.item())
+        if not math.isfinite(record["train_loss"][-1]):
+            record["diverged_at"] = step + 1
+            break
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            v = _evaluate(fn, val)
+            record["eval"].append({"step": done, "val_loss": v})
+            if bar is not None:
+                bar.set_postfix(val_loss=f"{v:.3f}", ppl=f"{math.exp(v):.1f}")
+            save()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    record["done"] = True
+    save()
+    return record

