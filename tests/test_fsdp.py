@@ -12,8 +12,9 @@ weights the graph is called with.
 Each worker (this file run as a script) trains four ways on its own fixed batch: without FSDP
 on both ranks' batches together (the reference), plain FSDP2, FSDP2 with the blocks compiled at
 full rank, and at low rank. Full rank must match plain FSDP2, which must match the reference
-(the reduce-scatter averages the ranks' gradients); at low rank the ranks must agree after each
-reduction while drawing different bases (per-rank seeds), and the loss must go down. Then a
+(the reduce-scatter averages the ranks' gradients); at low rank the reduced gradient must be the
+mean of the two ranks' own compressed estimates (recomputed without FSDP), the ranks must agree
+while drawing different bases (per-rank seeds), and the loss must go down. Then a
 tiny transformers Llama with each decoder layer sharded and compiled with Inductor at full rank
 must match plain FSDP2.
 """
