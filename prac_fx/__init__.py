@@ -4,7 +4,6 @@ computes their weight gradients in factored form.
     import prac_fx
     model = torch.compile(model, backend=prac_fx.backend(rank=0.25))
 """
-from prac_fx import backend as backend_module
 from prac_fx.backend import PracBackend, backend, prac_backend
 from prac_fx.config import PracConfig
 from prac_fx.report import Report

@@ -19,11 +19,10 @@ import torch.fx
 
 import passes
 from passes import probe as probe_graph
-from passes.graph_state import Group, Site
 from passes.sites import match
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
-from prac_fx.report import GraphRecord, Report, placement
+from prac_fx.report import GraphRecord, Report
 from prac_fx.runner import PracRunner
 
 log = logging.getLogger("prac_fx")

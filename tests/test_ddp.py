@@ -7,29 +7,14 @@ tensors, which must neither draw nor count); DDP compiled at low rank in one gra
 must match plain DDP; at low rank the ranks must stay in sync (DDP averages the gradients)
 while drawing different bases (per-rank seeds).
 """
-import os
-import socket
-import subprocess
 import sys
 
 import torch
 
 import prac_fx
+from toys import MLP, run_workers
 
 WORLD, STEPS = 2, 3
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, n=32, hidden=64, out=16):
-        super().__init__()
-        self.up = torch.nn.Linear(n, hidden)
-        self.mid = torch.nn.Linear(hidden, n, bias=False)
-        self.down = torch.nn.Linear(n, out)
-
-    def forward(self, x):
-        h = torch.nn.functional.gelu(self.up(x))
-        h = torch.relu(self.mid(h))
-        return self.down(h)
 
 
 def _train(rank, backend=None, split=False):
@@ -86,31 +71,9 @@ def worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_two_processes(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(prac_fx.__file__)))
-    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=path)
-    port = _free_port()
-    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(outs[r])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    res = [torch.load(o) for o in outs]
+    res = run_workers(__file__, WORLD, tmp_path)
 
     for r in range(WORLD):
         plain, full, low = res[r]["plain"], res[r]["full"], res[r]["low"]

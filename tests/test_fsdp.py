@@ -18,14 +18,12 @@ while drawing different bases (per-rank seeds), and the loss must go down. Then 
 tiny transformers Llama with each decoder layer sharded and compiled with Inductor at full rank
 must match plain FSDP2.
 """
-import os
-import socket
-import subprocess
 import sys
 
 import torch
 
 import prac_fx
+from toys import run_workers
 
 WORLD, STEPS, BLOCKS = 2, 4, 3
 KEYS = {"up", "down", "up@1", "down@1", "up@2", "down@2"}
@@ -158,31 +156,9 @@ def worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_fsdp2_two_processes(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(prac_fx.__file__)))
-    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=path)
-    port = _free_port()
-    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(outs[r])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    res = [torch.load(o) for o in outs]
+    res = run_workers(__file__, WORLD, tmp_path)
 
     ref = res[0]["reference"]
     for r in range(WORLD):

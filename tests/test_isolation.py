@@ -15,19 +15,7 @@ import torch._dynamo
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import prac_fx
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, n=32, hidden=64, out=16):
-        super().__init__()
-        self.up = torch.nn.Linear(n, hidden)
-        self.mid = torch.nn.Linear(hidden, n, bias=False)
-        self.down = torch.nn.Linear(n, out)
-
-    def forward(self, x):
-        h = torch.nn.functional.gelu(self.up(x))
-        h = torch.relu(self.mid(h))
-        return self.down(h)
+from toys import MLP
 
 
 KEYS = {"up", "mid", "down"}

@@ -9,22 +9,10 @@ import torch
 import torch._dynamo
 
 import prac_fx
+from toys import MLP
 from conftest import rel_err
 
 BF16_REL = 2e-2  # weight gradients: a few bf16 roundings (eps 2^-8) more than eager's
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, n=32, hidden=64, out=16):
-        super().__init__()
-        self.up = torch.nn.Linear(n, hidden)
-        self.mid = torch.nn.Linear(hidden, n, bias=False)
-        self.down = torch.nn.Linear(n, out)
-
-    def forward(self, x):
-        h = torch.nn.functional.gelu(self.up(x))
-        h = torch.relu(self.mid(h))
-        return self.down(h)
 
 
 def _step(model, x, grad_out, autocast: bool, dtype=torch.bfloat16):
