@@ -8,7 +8,8 @@ Matches
 - ``torch.matmul`` / ``operator.matmul`` / ``torch.mm`` / ``Tensor.matmul`` with the trained
   parameter on the right (``kind="matmul"``, weight ``(n, m)``).
 
-A site is a candidate when its weight is a graph input that requires grad (a trained parameter,
+A site is named by the module that calls it (``nn_module_stack``; for a functional call in the
+compiled frame itself, by its weight's owner). A site is a candidate when its weight is a graph input that requires grad (a trained parameter,
 tied or not), 2-D and floating point, and its input has at least two dimensions. Candidates the
 site filter rejects, or whose width n is below the rank, are skipped with that reason.
 
@@ -69,6 +70,23 @@ def param_path(node: torch.fx.Node) -> str:
         return ""
     parts = [a or b or c for a, b, c in _PATH_TOKEN.findall(name[head.end():])]
     return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the module whose forward made ``node`` (``"lm_head"``), or ``""``.
+
+    This names the calling module even where the weight belongs to another one (GPT-2's
+    ``lm_head`` reads the tied ``transformer.wte.weight``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    head = re.match(r"^L\['[^']*'\]", path)
+    if head is None:
+        return ""
+    path = re.sub(r"\['([^']+)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)),
+                  path[head.end():])
+    return path.strip(".")
 
 
 def _val(node):
@@ -152,7 +170,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             continue
         w_val = _val(weight)
         site.weight = param_path(weight) or weight.name
-        site.module = site.weight.rsplit(".", 1)[0] if "." in site.weight else site.weight
+        site.module = module_path(node) or (
+            site.weight.rsplit(".", 1)[0] if "." in site.weight else site.weight)
         site.input_node = x.name
         site.n, site.m = (w_val.shape[1], w_val.shape[0]) if kind == "linear" else tuple(w_val.shape)
         site.n, site.m = int(site.n), int(site.m)
