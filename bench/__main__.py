@@ -74,7 +74,7 @@ def parse(argv):
                        help="only print what is cached; train nothing")
     else:
         p.add_argument("--variants", default="inductor,prac-n/4")
-        p.add_argument("--steps", type=int, default=400)
+        p.add_argument("--steps", type=int, default=300)
         p.add_argument("--jobs", type=int, default=1)
         p.add_argument("--cached-only", action="store_true")
     args = p.parse_args(rest)

@@ -30,11 +30,11 @@ from bench import data
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     variant: str = "inductor"
-    steps: int = 400
-    batch: int = 32
+    steps: int = 300
+    batch: int = 16
     seq: int = 64
     lr: float = 1e-4
-    warmup: int = 40
+    warmup: int = 30
     weight_decay: float = 0.01
     seed: int = 0
     data_seed: int = 1

@@ -76,6 +76,21 @@ class Setup:
         return self.batch * self.seq
 
 
+def return_freed_memory() -> bool:
+    """Ask glibc to serve blocks of 64 KiB and more from mmap and to trim freed memory at once,
+    as ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` in the environment would: the
+    peak resident size then tracks live bytes. True when it took effect (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 65536)) and bool(libc.mallopt(m_trim_threshold, 0))
+    except (OSError, AttributeError):
+        return False
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -129,6 +144,7 @@ def _make_refresh_due(backend) -> None:
 def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
               progress: Callable[[str], None] = lambda s: None) -> list[Row]:
     dtype = getattr(torch, setup.dtype)
+    return_freed_memory()
     rows: list[Row] = []
     for name in model_names:
         ids = models.batch(setup.vocab, setup.batch, setup.seq)

