@@ -13,6 +13,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 ``prac-R``          PRAC at rank R, r1 = r2 (the paper's split)
 ``prac-R+budget``   PRAC and the memory budget: the partitioner recomputes what it can and
                     keeps compressed copies for the rest
+``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
+                    part every b steps (defaults 500 and 50)
 ``prac-R+keephead`` PRAC on the transformer blocks only: the output head (``lm_head``, tied
                     to the embedding in GPT-2) stays exact
 ``random-R``        ablation: random part only (r1 = 0, k = n / r)
@@ -23,7 +25,6 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -35,19 +36,24 @@ RANKS = {"n/16": 1 / 16, "n/8": 1 / 8, "n/4": 1 / 4, "0.6n": 0.6}
 BUDGET = 0.5
 
 
-def _budget_context(budget: float) -> Callable[[], contextlib.AbstractContextManager]:
-    # The partitioner reads the budget when it splits the joint graph, i.e. while the first
-    # forward compiles; keeping it patched around every call also covers recompiles.
-    return lambda: torch._functorch.config.patch(activation_memory_budget=budget)
+def _with_budget(backend: Callable, budget: float) -> Callable:
+    """``backend`` compiling under ``activation_memory_budget = budget``. The partitioner reads
+    the budget when it splits the joint graph, which happens inside the backend call (the first
+    forward), so patching the call is exact. A backend of its own also keeps Dynamo from reusing
+    another variant's compiled code for this model (it would, for two plain Inductor compiles
+    of equal models)."""
+
+    def compile_with_budget(gm, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return backend(gm, example_inputs)
+
+    return compile_with_budget
 
 
-def _wrap(fn: Callable, context: Callable[[], contextlib.AbstractContextManager]) -> Callable:
-    def call(*args, **kwargs):
-        with context():
-            return fn(*args, **kwargs)
+def _inductor_backend(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
 
-    call.prac_backend = getattr(fn, "prac_backend", None)
-    return call
+    return compile_fx(gm, example_inputs)
 
 
 def _checkpoint_blocks(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,16 +76,17 @@ def checkpoint() -> Variant:
 
 def budget(value: float = BUDGET) -> Variant:
     return Variant(f"inductor budget={value}",
-                   lambda model: _wrap(torch.compile(model), _budget_context(value)))
+                   lambda model: torch.compile(model, backend=_with_budget(_inductor_backend, value)))
 
 
 def prac(rank: float | int, label: str | None = None, *, with_budget: float | None = None,
          **options) -> Variant:
     def make(model):
         backend = prac_fx.backend(rank=rank, **options)
-        fn = torch.compile(model, backend=backend)
+        compiler = backend if with_budget is None else _with_budget(backend, with_budget)
+        fn = torch.compile(model, backend=compiler)
         fn.prac_backend = backend
-        return fn if with_budget is None else _wrap(fn, _budget_context(with_budget))
+        return fn
 
     return Variant(label or f"prac r={rank}", make)
 
@@ -96,15 +103,18 @@ def by_name(spec: str) -> Variant:
         return fixed[spec]()
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
-    unknown = set(extras) - {"budget", "keephead"}
+    timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
+    unknown = set(extras) - {"budget", "keephead"} - timing
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"prac-R[+budget][+keephead], random-R, principal-R, resample1-R, "
+                         f"prac-R[+budget][+keephead][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
-        label = f"prac r={rank_name}" + "".join(f" +{e}" for e in extras)
+        label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing else f" +{e}" for e in extras)
         options = {"site_filter": _exact_head} if "keephead" in extras else {}
+        for e in timing:
+            options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
         return prac(rank, label, with_budget=BUDGET if "budget" in extras else None, **options)
     if kind == "random":
         return prac(rank, f"random-only r={rank_name}", split=0.0)
