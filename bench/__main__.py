@@ -204,6 +204,13 @@ def finetune(args) -> int:
     return 0
 
 
+def cli(argv: list[str]) -> int:
+    """``prac-fx bench ARGS``: ``python -m bench ARGS`` in a fresh process that starts with the
+    measuring environment (allocator and OpenMP settings must be in place before start-up)."""
+    env = dict(os.environ, **_ENV)
+    return subprocess.call([sys.executable, "-m", "bench", *argv], env=env)
+
+
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if argv is None:
