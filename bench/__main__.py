@@ -39,6 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw the figure to this PNG file")
+    p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)  # --jobs workers
 
 
 def parse(argv):
@@ -157,13 +158,15 @@ def convergence(args) -> int:
         if args.jobs > 1:
             _parallel(lambda c: ["convergence", "--models", c.model, "--variants", c.variant,
                                  "--steps", str(steps), "--eval-every", str(every),
-                                 "--threads", str(args.threads)],
+                                 "--threads", str(args.threads), "--no-table"],
                       todo, args.jobs)
         else:
             torch.set_num_threads(args.threads)
             for c in todo:
                 conv.train(c)
     results = [r for r in (conv.load(c) for c in configs) if r is not None]
+    if args.no_table:
+        return 0
     if not results:
         print("no finished run cached for this configuration", file=sys.stderr)
         return 1
@@ -188,12 +191,14 @@ def finetune(args) -> int:
     if todo and not args.cached_only:
         if args.jobs > 1:
             _parallel(lambda c: ["finetune", "--variants", c.variant, "--steps", str(args.steps),
-                                 "--threads", str(args.threads)], todo, args.jobs)
+                                 "--threads", str(args.threads), "--no-table"], todo, args.jobs)
         else:
             torch.set_num_threads(args.threads)
             for c in todo:
                 ft.train(c)
     results = [r for r in (ft.load(c) for c in configs) if r is not None]
+    if args.no_table:
+        return 0
     if not results:
         print("no finished run cached for this configuration", file=sys.stderr)
         return 1

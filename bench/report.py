@@ -35,6 +35,16 @@ def fmt(value, digits: int = 3):
     return value
 
 
+def _tabulate(rows, cols: list[str], headers: list[str] | None = None, floatfmt: str = ".3g",
+              markdown: bool = False) -> str:
+    """A table of the rows' columns; a column empty in every row (a reference not run) is left out."""
+    headers = headers or cols
+    table = [[fmt(getattr(r, c)) for c in cols] for r in rows]
+    keep = [i for i in range(len(cols)) if any(row[i] != "" for row in table)]
+    return tabulate([[row[i] for i in keep] for row in table], headers=[headers[i] for i in keep],
+                    floatfmt=floatfmt, tablefmt="github" if markdown else "simple")
+
+
 # -- suite ----------------------------------------------------------------------------------------
 def suite_header(setup: Setup, machine: str) -> str:
     return (f"Machine: {machine}\n"
@@ -71,9 +81,7 @@ def attach_perplexity(rows: list[Row], names: list[str], setup: Setup, steps: in
 
 
 def suite_table(rows: list[Row], markdown: bool = False, perplexity: bool = False) -> str:
-    cols = SUITE_COLUMNS + (PPL_COLUMNS if perplexity else [])
-    table = [[fmt(getattr(r, c)) for c in cols] for r in rows]
-    return tabulate(table, headers=cols, floatfmt=".3g", tablefmt="github" if markdown else "simple")
+    return _tabulate(rows, SUITE_COLUMNS + (PPL_COLUMNS if perplexity else []), markdown=markdown)
 
 
 def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
@@ -160,9 +168,8 @@ def convergence_header(result: dict) -> str:
 
 def convergence_table(rows: list[ConvergenceRow], markdown: bool = False) -> str:
     cols = [f.name for f in dataclasses.fields(ConvergenceRow)]
-    table = [[fmt(getattr(r, c)) for c in cols] for r in rows]
     headers = [("ppl@" + str(rows[0].steps // 2)) if c == "ppl_half" else c for c in cols]
-    return tabulate(table, headers=headers, floatfmt=".4g", tablefmt="github" if markdown else "simple")
+    return _tabulate(rows, cols, headers, floatfmt=".4g", markdown=markdown)
 
 
 def plot_curves(results: list[dict], path: str) -> None:
@@ -230,6 +237,5 @@ def finetune_header(result: dict) -> str:
 
 
 def finetune_table(rows: list[FinetuneRow], markdown: bool = False) -> str:
-    cols = [f.name for f in dataclasses.fields(FinetuneRow)]
-    table = [[fmt(getattr(r, c)) for c in cols] for r in rows]
-    return tabulate(table, headers=cols, floatfmt=".4g", tablefmt="github" if markdown else "simple")
+    return _tabulate(rows, [f.name for f in dataclasses.fields(FinetuneRow)], floatfmt=".4g",
+                     markdown=markdown)
