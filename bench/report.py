@@ -103,12 +103,15 @@ def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
             ax.annotate(r.variant, (r.step_ms, r.peak_mib), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
         ax.set_xlabel("step time (ms, median)")
-        ax.set_ylabel("MiB  (filled: step peak above resident; hollow: saved for backward)")
-        ax.set_title(f"tiny {model}")
+        ax.set_ylabel("MiB")
+        ax.set_title(f"tiny {model}: filled = step peak above resident, hollow = saved for backward",
+                     fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
