@@ -174,3 +174,28 @@ def test_convergence_run_end_to_end_and_cached(tmp_path):
     assert convergence.load(cfg, cache=tmp_path) == result
     again = convergence.train(cfg, cache=tmp_path)  # from the cache: nothing trained
     assert again == result
+
+
+def test_movie_reviews_filter_and_label(tmp_path):
+    where = tmp_path / "data" / "vader"
+    where.mkdir(parents=True)
+    lines = ["1_1\t2.3\tA gorgeous, witty film.", "1_2\t-1.2\tTedious and flat.",
+             "1_3\t0.4\tIt is a movie.", "1_4\t-0.5\tNeither here nor there.",
+             "1_5\t0.9\tQuietly moving."]
+    (where / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
+    assert len(data.movie_review_sentences(cache=tmp_path)) == 5
+    train, test = data.movie_reviews(test_share=0.34, cache=tmp_path)
+    assert sorted(train + test) == sorted([("A gorgeous, witty film.", 1), ("Tedious and flat.", 0),
+                                           ("Quietly moving.", 1)])
+    assert len(train) == 1 and (train, test) == data.movie_reviews(test_share=0.34, cache=tmp_path)
+
+
+def test_finetune_rows_gap_in_points():
+    def res(variant, acc):
+        return {"config": {"variant": variant}, "train_loss": [0.3] * 60, "step_s": [1.0] * 59,
+                "compile_s": 9.0, "test_acc": acc}
+
+    base, prac = report.finetune_rows([res("inductor", 0.85), res("prac-n/4", 0.845)])
+    assert prac.test_acc == pytest.approx(84.5) and prac.acc_gap_vs_inductor == pytest.approx(-0.5)
+    table = report.finetune_table([base, prac])
+    assert "acc_gap_vs_inductor" in table and "acc_gap_vs_eager" not in table
