@@ -147,11 +147,11 @@ def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
     return_freed_memory()
     # Every variant compiles the same model code with a backend of its own: one cache entry
     # each. Past Dynamo's default limit of 8 the later variants would silently run eagerly.
-    import torch._dynamo
+    from torch._dynamo import config as dynamo_config
 
     for limit in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
+        if hasattr(dynamo_config, limit):
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 256))
     rows: list[Row] = []
     for name in model_names:
         ids = models.batch(setup.vocab, setup.batch, setup.seq)
