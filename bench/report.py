@@ -96,7 +96,7 @@ def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r.model == model]
         for i, r in enumerate(mine):
-            color = f"C{i % 10}"
+            color = plt.cm.tab20(i % 20)
             ax.scatter(r.step_ms, r.peak_mib, color=color, s=50, label=r.variant)
             ax.scatter(r.step_ms, r.saved_mib, facecolors="none", edgecolors=color, s=50)
             ax.plot([r.step_ms, r.step_ms], [r.saved_mib, r.peak_mib], color=color, lw=0.6, alpha=0.5)
