@@ -101,20 +101,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(argv: list[str]) -> int:
-    """``prac-fx bench ARGS`` runs ``python -m bench ARGS``: ``bench.__main__.main()`` reads its
-    arguments from ``sys.argv`` and, called that way, re-executes itself with the allocator and
-    OpenMP environment its memory figures need."""
+    """``prac-fx bench ARGS`` runs ``python -m bench ARGS`` in a fresh process that starts with the
+    allocator and OpenMP environment its memory figures need (``bench.__main__.cli``)."""
     try:
         module = importlib.import_module("bench.__main__")
     except ModuleNotFoundError as err:
         if err.name in ("bench", "bench.__main__"):
             return _error("the benchmark suite is not installed (no bench package)")
         raise
-    main = getattr(module, "main", None)
-    if main is None:
-        return _error("bench.__main__ has no main()")
-    sys.argv = [sys.argv[0], *argv]
-    return int(main() or 0)
+    run = getattr(module, "cli", None)
+    if run is None:
+        return _error("bench.__main__ has no cli()")
+    return int(run(argv) or 0)
 
 
 def use_color(choice: str, stream, to_file: bool) -> bool:

@@ -120,15 +120,15 @@ def test_python_dash_m_and_help():
     assert top.returncode == 0 and "diff" in top.stdout and "bench" in top.stdout
 
 
-def test_bench_runs_the_suite_main(monkeypatch):
+def test_bench_runs_the_suite_cli(monkeypatch):
     seen = {}
 
-    def main():
-        seen["argv"] = sys.argv[1:]
+    def run(argv):
+        seen["argv"] = argv
         return 0
 
     fake = types.ModuleType("bench.__main__")
-    fake.main = main
+    fake.cli = run
     monkeypatch.setitem(sys.modules, "bench.__main__", fake)
     monkeypatch.setattr(sys, "argv", ["prac-fx", "bench", "--quick"])
     assert cli.main() == 0
