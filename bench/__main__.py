@@ -146,7 +146,6 @@ def convergence(args) -> int:
 
     from bench import convergence as conv
     from bench import report
-    from bench.harness import machine
 
     steps = 200 if args.quick else args.steps
     every = args.eval_every or (50 if args.quick else 250)

@@ -78,7 +78,8 @@ def _evaluate(fn, batches: list[torch.Tensor]) -> float:
         return statistics.fmean(float(fn(ids, labels=ids).loss) for ids in batches)
 
 
-def load(cfg: TrainConfig, cache: pathlib.Path = data.CACHE) -> dict | None:
+def load(cfg, cache: pathlib.Path = data.CACHE) -> dict | None:
+    """The cached record of a finished run of ``cfg`` (any config with ``path(cache)``), or None."""
     path = cfg.path(cache)
     if path.exists():
         result = json.loads(path.read_text())

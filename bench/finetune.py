@@ -25,6 +25,7 @@ import time
 import torch
 
 from bench import data
+from bench.convergence import load  # noqa: F401  (``finetune.load``: the same cache lookup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +85,6 @@ def accuracy(model, ids, mask, labels, batch: int = 128) -> float:
             correct += int((logits.argmax(-1) == labels[i: i + batch]).sum())
     model.train()
     return correct / len(ids)
-
-
-def load(cfg: FinetuneConfig, cache: pathlib.Path = data.CACHE) -> dict | None:
-    path = cfg.path(cache)
-    if path.exists():
-        result = json.loads(path.read_text())
-        if result.get("done"):
-            return result
-    return None
 
 
 def train(cfg: FinetuneConfig, cache: pathlib.Path = data.CACHE, progress: bool = True) -> dict:
