@@ -10,13 +10,14 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     (non-reentrant): only block inputs are kept, the rest recomputed
 ``budget``          Inductor with ``torch._functorch.config.activation_memory_budget = 0.5``:
                     the partitioner recomputes cheap ops until half the activations are saved
-``prac-R``          PRAC at rank R, r1 = r2 (the paper's split)
+``prac-R``          PRAC at rank R, r1 = r2 (the paper's split); the output head (``lm_head``)
+                    stays exact, as by default
 ``prac-R+budget``   PRAC and the memory budget: the partitioner recomputes what it can and
                     keeps compressed copies for the rest
 ``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
                     part every b steps (defaults 500 and 50)
-``prac-R+keephead`` PRAC on the transformer blocks only: the output head (``lm_head``, tied
-                    to the embedding in GPT-2) stays exact
+``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
+                    GPT-2 the head is tied to the input embedding)
 ``random-R``        ablation: random part only (r1 = 0, k = n / r)
 ``principal-R``     ablation: principal part only (r2 = 0; biased)
 ``resample1-R``     ablation: the random part redrawn every step (T2 = 1)
@@ -95,10 +96,6 @@ def prac(rank: float | int, label: str | None = None, *, with_budget: float | No
     return Variant(label or f"prac r={rank}", make)
 
 
-def _exact_head(fqn: str) -> bool:
-    return "lm_head" not in fqn
-
-
 def by_name(spec: str) -> Variant:
     """The variant a command-line name stands for (see the module docstring)."""
     spec = spec.strip()
@@ -108,15 +105,15 @@ def by_name(spec: str) -> Variant:
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
-    unknown = set(extras) - {"budget", "keephead"} - timing
+    unknown = set(extras) - {"budget", "allsites"} - timing
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"prac-R[+budget][+keephead][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
+                         f"prac-R[+budget][+allsites][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
         label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing else f" +{e}" for e in extras)
-        options = {"site_filter": _exact_head} if "keephead" in extras else {}
+        options = {"exact_heads": ()} if "allsites" in extras else {}
         for e in timing:
             options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
         return prac(rank, label, with_budget=BUDGET if "budget" in extras else None, **options)

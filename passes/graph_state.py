@@ -23,14 +23,17 @@ class SitePolicy(Protocol):
     def include(self, module_path: str) -> bool:
         """Whether the site of the module at ``module_path`` may be rewritten."""
 
+    def is_head(self, module_path: str) -> bool:
+        """Whether the module at ``module_path`` is an output head that stays exact."""
+
 
 @dataclasses.dataclass
 class Site:
     """One node the passes looked at.
 
     ``status`` is ``"rewritten"`` or ``"skipped"``; a skipped site names its ``reason``:
-    ``attention``, ``nonlinear``, ``no trainable weight``, ``filtered``, ``too narrow for the
-    rank``, ``unsupported pattern``.
+    ``attention``, ``nonlinear``, ``no trainable weight``, ``output head``, ``filtered``, ``too
+    narrow for the rank``, ``too few rows to gain``, ``unsupported pattern``.
     """
 
     node: str

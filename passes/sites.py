@@ -9,9 +9,14 @@ Matches
   parameter on the right (``kind="matmul"``, weight ``(n, m)``).
 
 A site is named by the module that calls it (``nn_module_stack``; for a functional call in the
-compiled frame itself, by its weight's owner). A site is a candidate when its weight is a graph input that requires grad (a trained parameter,
-tied or not), 2-D and floating point, and its input has at least two dimensions. Candidates the
-site filter rejects, or whose width n is below the rank, are skipped with that reason.
+compiled frame itself, by its weight's owner). A site is a candidate when its weight is a graph
+input that requires grad (a trained parameter, tied or not), 2-D and floating point, and its
+input has at least two dimensions. Skipped with that reason are candidates in an output head
+(``policy.is_head``: ``lm_head``, a classifier), those the site filter rejects, those whose
+width n is below the rank, and those whose input has so few rows N that the factored weight
+gradient would cost more than the exact one (r (N + n) >= N n with r < n: a pooled or classifier
+input with one row per sample). A rank equal to the width keeps every direction and is never
+skipped for its rows (the exact mode the tests use).
 
 Attention ops (SDPA, flash/efficient attention) and element-wise nonlinear ops are recorded as
 skipped (``attention`` / ``nonlinear``) and never touched: compressing the input of a nonlinear
@@ -95,6 +100,19 @@ def _val(node):
     return None
 
 
+def _rows(x_val: torch.Tensor) -> int | None:
+    """N, the rows of the flattened input (all but the last dimension), where known: a symbolic
+    size counts by its hint, and None (unknown) never skips a site."""
+    rows = 1
+    for size in x_val.shape[:-1]:
+        if not isinstance(size, int):
+            size = getattr(getattr(size, "node", None), "hint", None)
+            if not isinstance(size, int):
+                return None
+        rows *= size
+    return rows
+
+
 def _is_trained_weight(node) -> bool:
     v = _val(node)
     return (
@@ -175,12 +193,22 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         site.input_node = x.name
         site.n, site.m = (w_val.shape[1], w_val.shape[0]) if kind == "linear" else tuple(w_val.shape)
         site.n, site.m = int(site.n), int(site.m)
+        if policy.is_head(site.module):
+            site.reason = "output head"
+            continue
         if not policy.include(site.module):
             site.reason = "filtered"
             continue
         ranks = policy.ranks(site.n)
         if ranks is None:
             site.reason = "too narrow for the rank"
+            continue
+        rows, rank = _rows(x_val), ranks[0] + ranks[1]
+        if rows is not None and rank < site.n and rank * (rows + site.n) >= rows * site.n:
+            # The factored weight gradient costs r (N + n) m flops against N n m for the exact
+            # one, and the copy saves (n - r) N elements: with this few rows (a pooled or
+            # classifier input of one vector per sample) compressing gains nothing and adds noise.
+            site.reason = "too few rows to gain"
             continue
         site.r1, site.r2 = ranks
         site.reason = None

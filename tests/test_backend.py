@@ -144,9 +144,13 @@ def test_inference_is_exact_and_unchanged():
     assert be.store.groups == {}
 
 
-def test_site_filter_and_too_narrow_stay_exact(mlp_case):
+def test_site_filter_and_too_narrow_stay_exact():
     torch._dynamo.reset()
-    model, x, grad_out, (_, _, ref_g) = mlp_case
+    torch.manual_seed(0)
+    model = MLP()
+    # 512 rows, so that rank 48 still pays on the 64-wide ``mid`` (48 (512 + 64) < 512 * 64).
+    x, grad_out = torch.randn(64, 8, 32), torch.randn(64, 8, 16)
+    _, _, ref_g = _grads(model, x, grad_out)
     be = prac_fx.backend(rank=48, site_filter=lambda fqn: fqn != "down", compiler="eager")
     _, _, g = _grads(torch.compile(model, backend=be), x, grad_out)
     reasons = {r["module"]: r["status"] for r in be.report().rows() if r["kind"] == "linear"}
@@ -155,6 +159,37 @@ def test_site_filter_and_too_narrow_stay_exact(mlp_case):
     torch.testing.assert_close(g["down.weight"], ref_g["down.weight"])
     torch.testing.assert_close(g["up.weight"], ref_g["up.weight"])
     assert rel_err(g["mid.weight"], ref_g["mid.weight"]) > 1e-3
+
+
+class PooledClassifier(torch.nn.Module):
+    """Token-level layers, then mean pooling into a classifier that sees one row per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(32, 32)
+        self.pooled = torch.nn.Linear(32, 2)  # not named as a head: its rows decide
+
+    def forward(self, x):
+        return self.pooled(torch.relu(self.body(x)).mean(dim=1))
+
+
+def test_pooled_head_with_few_rows_stays_exact():
+    """With N = 4 rows, n = 32, r = 8: r (N + n) = 288 >= N n = 128, so ``pooled`` stays exact;
+    the body (N = 4 * 16 = 64 rows: 768 < 2048) is compressed."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = PooledClassifier()
+    x = torch.randn(4, 16, 32)
+    grad_out = torch.randn(4, 2)
+    model(x).backward(grad_out)
+    ref = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    be = prac_fx.backend(rank=8, compiler="eager")
+    torch.compile(model, backend=be)(x).backward(grad_out)
+    status = {r["module"]: r["status"] for r in be.report().rows() if r["kind"] == "linear"}
+    assert status == {"body": "rewritten", "pooled": "skipped: too few rows to gain"}
+    torch.testing.assert_close(model.pooled.weight.grad, ref["pooled.weight"])
+    assert rel_err(model.body.weight.grad, ref["body.weight"]) > 1e-3
 
 
 def test_registered_backend_name():
@@ -188,10 +223,10 @@ class ParamMatmul(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = torch.nn.Parameter(torch.randn(32, 24) / 6)
-        self.head = torch.nn.Linear(24, 8)
+        self.out = torch.nn.Linear(24, 8)
 
     def forward(self, x):
-        return self.head(torch.tanh(x @ self.proj))
+        return self.out(torch.tanh(x @ self.proj))
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])

@@ -29,6 +29,9 @@ def test_bad_rank(rank, message):
     (dict(seed="x"), "seed must be an int"),
     (dict(site_filter=3), "site_filter must be callable"),
     (dict(complement_scale=-1.0), "complement_scale must be a positive number"),
+    (dict(exact_heads="lm_head"), "exact_heads must be a tuple of module names"),
+    (dict(exact_heads=("model.lm_head",)), "without dots"),
+    (dict(exact_heads=(3,)), "exact_heads must be"),
 ])
 def test_bad_fields(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -62,3 +65,12 @@ def test_frozen():
     config = PracConfig()
     with pytest.raises(Exception):
         config.rank = 3
+
+
+def test_exact_heads_match_the_last_path_component():
+    config = PracConfig()
+    assert config.is_head("lm_head") and config.is_head("model.lm_head")
+    assert config.is_head("classifier") and config.is_head("output")
+    assert not config.is_head("lm_head.proj") and not config.is_head("bert.encoder.layer.0.output.dense")
+    assert not PracConfig(exact_heads=()).is_head("lm_head")
+    assert PracConfig(exact_heads=["proj"]).exact_heads == ("proj",)

@@ -172,7 +172,8 @@ def test_rank_wider_than_a_site_is_exact_and_logged_once(caplog):
     be = prac_fx.backend(rank=48, compiler="eager")
     compiled = torch.compile(model, backend=be, dynamic=False)
     model.zero_grad()
-    x, scale = torch.randn(2, 16, 32), torch.ones(64)
+    # 64 rows per position: even at seq 4 (N = 256) rank 48 pays on the 64-wide sites
+    x, scale = torch.randn(64, 16, 32), torch.ones(64)
     ref_x = x.clone().requires_grad_()
     with caplog.at_level(logging.WARNING, logger="prac_fx"):
         for seq in (16, 16, 8, 4):  # new shapes recompile: still one message per module

@@ -9,8 +9,9 @@ from prac_fx import memory, models
 
 SIZE = dict(layers=2, width=64, seq=32, vocab=128)
 BATCH = 2
-# (sites rewritten, groups): GPT-2 has c_attn, c_proj, c_fc, mlp.c_proj per block plus the tied
-# lm_head; Llama has q/k/v (one group), o, gate/up (one group), down per block plus lm_head.
+# (sites rewritten, groups) with every site compressed (exact_heads=()): GPT-2 has c_attn, c_proj,
+# c_fc, mlp.c_proj per block plus the tied lm_head; Llama has q/k/v (one group), o, gate/up (one
+# group), down per block plus lm_head.
 EXPECTED_SITES = {"gpt2": (9, 9), "llama": (15, 9)}
 
 
@@ -43,7 +44,7 @@ def test_full_rank_gradients_match_eager(name, compiler):
     torch._dynamo.reset()
     model, ids = _model(name), _ids()
     ref_loss, _, ref = _step(model, ids)
-    be = prac_fx.backend(rank=1.0, compiler=compiler)
+    be = prac_fx.backend(rank=1.0, compiler=compiler, exact_heads=())
     loss, _, grads = _step(torch.compile(model, backend=be, fullgraph=True), ids)
     torch.testing.assert_close(loss, ref_loss)
     worst = max(rel_err(grads[k], ref[k]) for k in ref)
@@ -72,6 +73,19 @@ def test_low_rank_loss_and_input_grad_exact(low_rank):
     # weight gradients are compressed (and unbiased), not exact
     key = "model.layers.0.mlp.down_proj.weight" if name == "llama" else "transformer.h.0.mlp.c_proj.weight"
     assert rel_err(grads[key], ref[key]) > 1e-3
+
+
+def test_output_head_stays_exact_by_default(low_rank):
+    """lm_head is skipped as an output head; Llama's untied head gets its exact gradient."""
+    name, model, ids, be, compiled, _ = low_rank
+    _, _, ref = _step(model, ids)
+    _, _, grads = _step(compiled, ids)
+    heads = [r for r in be.report().rows() if r["module"] == "lm_head"]
+    assert heads and all(r["status"] == "skipped: output head" for r in heads), heads
+    first = next(g for g in be.graphs if g.training)
+    assert first.rewritten == EXPECTED_SITES[name][0] - 1
+    if name == "llama":  # GPT-2's head weight is the tied embedding, which sums two gradients
+        torch.testing.assert_close(grads["lm_head.weight"], ref["lm_head.weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_saved_bytes_below_inductor(low_rank):

@@ -109,7 +109,7 @@ def test_resume_in_fresh_process_is_bitwise_equal(tmp_path, name, compiler):
     expected = train(compiled, opt, N_STEPS, M_STEPS, name)
     assert torch.isfinite(first).all() and torch.isfinite(expected).all()
     groups = backend.store.groups
-    assert len(groups) == {"mlp": 3, "gpt2": 9}[name], list(groups)
+    assert len(groups) == {"mlp": 3, "gpt2": 8}[name], list(groups)  # gpt2: lm_head stays exact
     # refreshes at calls 0, 3, 6 (two after the resume point), resamples every 2 calls
     assert {g.refreshes for g in groups.values()} == {3}
 

@@ -2,7 +2,7 @@
 
 Small enough to compile in seconds, and built to hit every site status: an input group of
 three projections (q, k, v), attention, element-wise nonlinear ops, a frozen layer (no trainable
-weight), a layer narrower than the rank, and layers a filter can exclude.
+weight), an output head, a layer narrower than the rank, and layers a filter can exclude.
 """
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,12 @@ class Tiny(nn.Module):
         self.block = Block(width)
         self.frozen = nn.Linear(width, width)
         self.frozen.requires_grad_(False)
-        self.head = nn.Linear(width, 4)
-        self.tail = nn.Linear(4, 1)  # n = 4: narrower than an integer rank of 8
+        self.proj = nn.Linear(width, 4)
+        self.tail = nn.Linear(4, 4)  # n = 4: narrower than an integer rank of 8
+        self.head = nn.Linear(4, 1)  # an output head by name: stays exact by default
 
     def forward(self, x):
-        return self.tail(torch.tanh(self.head(self.frozen(self.block(x)))))
+        return self.head(self.tail(torch.tanh(self.proj(self.frozen(self.block(x))))))
 
 
 def build(batch: int = 2, seq: int = 8):
