@@ -87,6 +87,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             new.meta.update({k: v for k, v in site_node.meta.items()})
             site_node.replace_all_uses_with(new)
             graph.erase_node(site_node)
+            nodes[name] = new  # a later group may read this site's output (linear -> linear)
             sites[name].status = "rewritten"
             result.nodes_created += 1
             result.nodes_erased += 1

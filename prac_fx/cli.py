@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                    "or int r1 (default 0.5)")
     d.add_argument("--exclude", action="append", default=[], metavar="TEXT",
                    help="leave sites whose module path contains TEXT exact (repeatable)")
+    d.add_argument("--compress-heads", action="store_true",
+                   help="compress output heads too (lm_head, classifier, ...: exact by default)")
     d.add_argument("--batch", type=_positive, help="batch size (preset default 4)")
     d.add_argument("--seq", type=_positive, help="sequence length (preset default 64)")
     d.add_argument("--layers", type=_positive, help="preset layers (default 2)")
@@ -132,7 +134,8 @@ def _diff(args) -> int:
         split = _number(args.split, "split")
         exclude = list(args.exclude)
         keep = (lambda path: not any(t in path for t in exclude)) if exclude else None
-        config = PracConfig(rank=rank, split=split, site_filter=keep)
+        heads = {"exact_heads": ()} if args.compress_heads else {}
+        config = PracConfig(rank=rank, split=split, site_filter=keep, **heads)
     except ValueError as err:
         return _error(str(err))
     kinds = args.graph or ["all"]

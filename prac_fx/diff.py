@@ -44,8 +44,9 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
         "N": int | null, "n": int | null, "m": int | null,  # rows, input and output width
         "r1": int | null, "r2": int | null,
         "status": "rewritten" | "skipped",
-        "reason": null | "attention" | "nonlinear" | "no trainable weight" | "filtered"
-                  | "too narrow for the rank" | "unsupported pattern",
+        "reason": null | "attention" | "nonlinear" | "no trainable weight" | "output head"
+                  | "filtered" | "too narrow for the rank" | "too few rows to gain"
+                  | "unsupported pattern",
         "compressed_copy": "" | "saved" | "recomputed in backward" | "not saved"}],
       "saved": {
         "rows": [{"graph": int, "change": "kept" | "removed" | "added",

@@ -192,6 +192,33 @@ def test_pooled_head_with_few_rows_stays_exact():
     assert rel_err(model.body.weight.grad, ref["body.weight"]) > 1e-3
 
 
+class Chain(torch.nn.Module):
+    """A linear layer feeding another directly: the second group's input is a rewritten site."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 32)
+        self.b = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_linear_feeding_linear(compiler):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Chain()
+    x, grad_out = torch.randn(4, 16, 32), torch.randn(4, 16, 16)
+    ref_out, ref_gx, ref_g = _grads(model, x, grad_out)
+    be = prac_fx.backend(rank=8, compiler=compiler)
+    out, gx, g = _grads(torch.compile(model, backend=be), x, grad_out)
+    assert be.report().sites_rewritten == 2
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    assert rel_err(g["b.weight"], ref_g["b.weight"]) > 1e-3
+
+
 def test_registered_backend_name():
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -62,6 +62,20 @@ def test_golden_text(text_run):
     _golden("tiny.txt", text_run.stdout)
 
 
+def test_compress_heads_flag():
+    """The output head is exact by default and compressed with --compress-heads (rank 2: the
+    4-wide head is not too narrow)."""
+    status = {}
+    for flag in ((), ("--compress-heads",)):
+        proc = run("diff", "tiny.py:build", "--rank", "2", *flag, "--format", "json", "--graph",
+                   "none", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        sites = json.loads(proc.stdout)["sites"]
+        status[flag] = next((s["status"], s["reason"]) for s in sites if s["module"] == "head")
+    assert status[()] == ("skipped", "output head")
+    assert status[("--compress-heads",)] == ("rewritten", None)
+
+
 def test_golden_json():
     proc = run("diff", *TINY, "--format", "json", "--quiet")
     assert proc.returncode == 0, proc.stderr
