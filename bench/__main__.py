@@ -76,6 +76,8 @@ def parse(argv):
     else:
         p.add_argument("--variants", default="inductor,prac-n/4")
         p.add_argument("--steps", type=int, default=300)
+        p.add_argument("--seeds", default="0", help="comma-separated seeds (head init, data "
+                       "order: seed + 1, dropout); with several, the table adds their mean")
         p.add_argument("--jobs", type=int, default=1)
         p.add_argument("--cached-only", action="store_true")
     args = p.parse_args(rest)
@@ -185,12 +187,19 @@ def finetune(args) -> int:
     from bench import report
 
     names = _names(args.variants)
-    configs = [ft.FinetuneConfig(variant=v, steps=args.steps) for v in names]
+    try:
+        seeds = [int(t) for t in _names(args.seeds)]
+    except ValueError:
+        print(f"--seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    configs = [ft.FinetuneConfig(variant=v, steps=args.steps, seed=s, data_seed=s + 1)
+               for s in seeds for v in names]
     todo = [c for c in configs if ft.load(c) is None]
     if todo and not args.cached_only:
         if args.jobs > 1:
             _parallel(lambda c: ["finetune", "--variants", c.variant, "--steps", str(args.steps),
-                                 "--threads", str(args.threads), "--no-table"], todo, args.jobs)
+                                 "--seeds", str(c.seed), "--threads", str(args.threads),
+                                 "--no-table"], todo, args.jobs)
         else:
             torch.set_num_threads(args.threads)
             for c in todo:

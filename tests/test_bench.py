@@ -188,12 +188,26 @@ def test_movie_reviews_filter_and_label(tmp_path):
     assert len(train) == 1 and (train, test) == data.movie_reviews(test_share=0.34, cache=tmp_path)
 
 
+def _finetune_result(variant, acc, seed=0):
+    return {"config": {"variant": variant, "seed": seed}, "train_loss": [0.3] * 60,
+            "step_s": [1.0] * 59, "compile_s": 9.0, "test_acc": acc}
+
+
 def test_finetune_rows_gap_in_points():
-    def res(variant, acc):
-        return {"config": {"variant": variant}, "train_loss": [0.3] * 60, "step_s": [1.0] * 59,
-                "compile_s": 9.0, "test_acc": acc}
+    res = _finetune_result
 
     base, prac = report.finetune_rows([res("inductor", 0.85), res("prac-n/4", 0.845)])
     assert prac.test_acc == pytest.approx(84.5) and prac.acc_gap_vs_inductor == pytest.approx(-0.5)
     table = report.finetune_table([base, prac])
     assert "acc_gap_vs_inductor" in table and "acc_gap_vs_eager" not in table
+
+
+def test_finetune_rows_pair_seeds_and_add_means():
+    res = _finetune_result
+    rows = report.finetune_rows([res("inductor", 0.85, 0), res("prac-n/4", 0.84, 0),
+                                 res("inductor", 0.80, 1), res("prac-n/4", 0.82, 1)])
+    gaps = {(r.variant, r.seed): r.acc_gap_vs_inductor for r in rows}
+    assert gaps[("prac-n/4", "0")] == pytest.approx(-1.0) and gaps[("prac-n/4", "1")] == pytest.approx(2.0)
+    mean = next(r for r in rows if r.variant == "prac-n/4" and r.seed == "mean of 2")
+    assert mean.test_acc == pytest.approx(83.0) and mean.acc_gap_vs_inductor == pytest.approx(0.5)
+    assert len(rows) == 6
