@@ -15,7 +15,7 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 ``prac-R+budget``   PRAC and the memory budget: the partitioner recomputes what it can and
                     keeps compressed copies for the rest
 ``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
-                    part every b steps (defaults 500 and 50)
+                    part every b steps (defaults: 500, and only at refreshes)
 ``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
                     GPT-2 the head is tied to the input embedding)
 ``random-R``        ablation: random part only (r1 = 0, k = n / r)

@@ -5,8 +5,8 @@ reads that group (recompiles for new shapes find the same bases under the same k
   the top right singular vectors of x, refitted every ``refresh_every`` training calls.
 - Q2 (n, r2): a Gaussian draw projected onto the orthogonal complement of Q1 and orthonormalised
   by QR with sign correction, hence Haar-distributed in the complement:
-  E[Q2 Q2^T] = r2 / (n - r1) (I - Q1 Q1^T). Redrawn every ``resample_every`` calls and at every
-  refresh.
+  E[Q2 Q2^T] = r2 / (n - r1) (I - Q1 Q1^T). Redrawn at every refresh, and every
+  ``resample_every`` calls where that is set.
 - k = (n - r1) / r2 makes E[P P^T] = I, so x P P^T is an unbiased reconstruction of x with the
   least variance among such schemes (PRAC, arXiv 2602.23111).
 
@@ -127,7 +127,7 @@ class BasisStore:
 
     def due_resample(self, key: str) -> bool:
         g = self.groups[key]
-        return g.basis is None or (g.r2 > 0 and g.calls % self.config.resample_every == 0)
+        return g.basis is None or (g.r2 > 0 and g.calls % self.config.resample_period == 0)
 
     # -- what -----------------------------------------------------------------------------------
     def refresh(self, key: str, gram: torch.Tensor | None) -> None:

@@ -29,6 +29,11 @@ class PracConfig:
         refresh_every: T1, training calls between refits of the principal basis Q1 to the
             current activation (paper: 500 for pre-training, 200 for fine-tuning).
         resample_every: T2, training calls between fresh draws of the random complement Q2.
+            None (the default): only at each refresh, i.e. every ``refresh_every`` calls. A
+            random part held for a whole refresh window trained better under Adam than one
+            redrawn every 50 calls or every call (README, "Convergence"): Adam normalises each
+            coordinate, so a fixed subspace gives consistent updates, while per-step redraws
+            mostly inflate its second-moment estimate.
         seed: seeds the generator of every random draw, which runs outside the graph.
         site_filter: ``(module_path) -> bool``; only sites for which it returns True are
             compressed, e.g. ``lambda fqn: "blocks.0." not in fqn``. None: every site (but the
@@ -49,7 +54,7 @@ class PracConfig:
     rank: int | float = 0.25
     split: int | float = 0.5
     refresh_every: int = 500
-    resample_every: int = 50
+    resample_every: int | None = None
     seed: int = 0
     site_filter: Callable[[str], bool] | None = None
     complement_scale: float | None = None
@@ -83,8 +88,11 @@ class PracConfig:
             raise ValueError(f"split as a float is the principal fraction, in [0, 1]; got {split!r}")
         for name in ("refresh_every", "resample_every"):
             value = getattr(self, name)
+            if value is None and name == "resample_every":
+                continue
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1 (training calls), got {value!r}")
+                none = " or None" if name == "resample_every" else ""
+                raise ValueError(f"{name} must be an int >= 1 (training calls){none}, got {value!r}")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.site_filter is not None and not callable(self.site_filter):
@@ -111,6 +119,11 @@ class PracConfig:
             r = min(n, max(1, round(self.rank * n)))
         r1 = int(self.split) if isinstance(self.split, numbers.Integral) else round(self.split * r)
         return r1, r - r1
+
+    @property
+    def resample_period(self) -> int:
+        """T2 in training calls: ``resample_every``, or ``refresh_every`` when that is None."""
+        return self.refresh_every if self.resample_every is None else int(self.resample_every)
 
     def include(self, module_path: str) -> bool:
         return True if self.site_filter is None else bool(self.site_filter(module_path))

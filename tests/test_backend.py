@@ -128,6 +128,21 @@ def test_refresh_and_resample_do_not_recompile():
     assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))  # a new basis each call
 
 
+def test_default_redraws_the_random_part_only_at_refreshes():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    be = prac_fx.backend(rank=8, refresh_every=3, compiler="eager")
+    compiled = torch.compile(MLP(), backend=be)
+    x = torch.randn(4, 8, 32)
+    seen = []
+    for _ in range(7):
+        compiled(x).sum().backward()
+        seen.append(be.store.basis("up"))
+    group = be.store.groups["up"]
+    assert (group.calls, group.refreshes, group.resamples) == (7, 3, 3)
+    assert [a is b for a, b in zip(seen, seen[1:])] == [True, True, False, True, True, False]
+
+
 def test_inference_is_exact_and_unchanged():
     torch._dynamo.reset()
     torch.manual_seed(0)

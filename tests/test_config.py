@@ -25,7 +25,8 @@ def test_bad_rank(rank, message):
     (dict(rank=16, split=-1), "must be >= 0"),
     (dict(rank=16, split="half"), "split must be"),
     (dict(refresh_every=0), "refresh_every must be an int >= 1"),
-    (dict(resample_every=2.5), "resample_every must be an int >= 1"),
+    (dict(resample_every=2.5), "resample_every must be an int >= 1 (training calls) or None"),
+    (dict(resample_every=0), "resample_every must be an int >= 1"),
     (dict(seed="x"), "seed must be an int"),
     (dict(site_filter=3), "site_filter must be callable"),
     (dict(complement_scale=-1.0), "complement_scale must be a positive number"),
@@ -74,3 +75,8 @@ def test_exact_heads_match_the_last_path_component():
     assert not config.is_head("lm_head.proj") and not config.is_head("bert.encoder.layer.0.output.dense")
     assert not PracConfig(exact_heads=()).is_head("lm_head")
     assert PracConfig(exact_heads=["proj"]).exact_heads == ("proj",)
+
+
+def test_resample_period_follows_refresh_by_default():
+    assert PracConfig(refresh_every=200).resample_period == 200
+    assert PracConfig(refresh_every=200, resample_every=7).resample_period == 7
