@@ -129,8 +129,10 @@ def by_name(spec: str) -> Variant:
 
 
 FULL = ["eager", "inductor", "ckpt", "budget", "prac-n/16", "prac-n/8", "prac-n/4", "prac-0.6n",
-        "prac-n/4+budget", "random-n/4", "principal-n/4", "resample1-n/4", "refresh1-n/4"]
-QUICK = ["eager", "inductor", "ckpt", "budget", "prac-n/8", "prac-n/4", "prac-n/4+budget"]
+        "prac-n/4+budget", "prac-n/4+allsites+budget", "random-n/4", "principal-n/4",
+        "resample1-n/4", "refresh1-n/4"]
+QUICK = ["eager", "inductor", "ckpt", "budget", "prac-n/8", "prac-n/4", "prac-n/4+budget",
+         "prac-n/4+allsites+budget"]
 
 
 def default_set() -> list[Variant]:
