@@ -204,8 +204,9 @@ def backend(*, rank: int | float = 0.25, compiler: str = "inductor", **options) 
     """A PRAC torch.compile backend: ``torch.compile(model, backend=prac_fx.backend(rank=0.25))``.
 
     Keyword arguments are the fields of ``PracConfig`` (``rank``, ``split``, ``refresh_every``,
-    ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``); ``compiler="eager"``
-    runs the rewritten graph through AOTAutograd without Inductor (for debugging).
+    ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``, ``exact_heads``);
+    ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
+    debugging).
     """
     unknown = set(options) - {f.name for f in dataclasses.fields(PracConfig)}
     if unknown:
