@@ -13,7 +13,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 ``prac-R``          PRAC at rank R, r1 = r2 (the paper's split); the output head (``lm_head``)
                     stays exact, as by default
 ``prac-R+budget``   PRAC and the memory budget: the partitioner recomputes what it can and
-                    keeps compressed copies for the rest
+                    keeps compressed copies for the rest; ``+budget=B`` sets another budget
+                    (a fraction of the graph's own saved bytes, which PRAC has already cut)
 ``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
                     part every b steps (defaults: 500, and only at refreshes)
 ``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
@@ -96,6 +97,13 @@ def prac(rank: float | int, label: str | None = None, *, with_budget: float | No
     return Variant(label or f"prac r={rank}", make)
 
 
+def _fraction(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 1.0
+    except ValueError:
+        return False
+
+
 def by_name(spec: str) -> Variant:
     """The variant a command-line name stands for (see the module docstring)."""
     spec = spec.strip()
@@ -105,10 +113,11 @@ def by_name(spec: str) -> Variant:
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
-    unknown = set(extras) - {"budget", "allsites"} - timing
+    budgets = {e for e in extras if e.startswith("budget=") and _fraction(e[7:])}
+    unknown = set(extras) - {"budget", "allsites"} - timing - budgets
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"prac-R[+budget][+allsites][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
+                         f"prac-R[+budget[=B]][+allsites][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -116,7 +125,12 @@ def by_name(spec: str) -> Variant:
         options = {"exact_heads": ()} if "allsites" in extras else {}
         for e in timing:
             options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
-        return prac(rank, label, with_budget=BUDGET if "budget" in extras else None, **options)
+        if len(budgets) + ("budget" in extras) > 1:
+            raise ValueError(f"one budget per variant, got {spec!r}")
+        value = BUDGET if "budget" in extras else None
+        for e in budgets:
+            value = float(e[7:])
+        return prac(rank, label, with_budget=value, **options)
     if kind == "random":
         return prac(rank, f"random-only r={rank_name}", split=0.0)
     if kind == "principal":
@@ -129,10 +143,10 @@ def by_name(spec: str) -> Variant:
 
 
 FULL = ["eager", "inductor", "ckpt", "budget", "prac-n/16", "prac-n/8", "prac-n/4", "prac-0.6n",
-        "prac-n/4+budget", "prac-n/4+allsites+budget", "random-n/4", "principal-n/4",
-        "resample1-n/4", "refresh1-n/4"]
+        "prac-n/4+budget", "prac-n/4+budget=0.7", "prac-n/4+allsites+budget", "random-n/4",
+        "principal-n/4", "resample1-n/4", "refresh1-n/4"]
 QUICK = ["eager", "inductor", "ckpt", "budget", "prac-n/8", "prac-n/4", "prac-n/4+budget",
-         "prac-n/4+allsites+budget"]
+         "prac-n/4+budget=0.7", "prac-n/4+allsites+budget"]
 
 
 def default_set() -> list[Variant]:

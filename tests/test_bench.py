@@ -211,3 +211,10 @@ def test_finetune_rows_pair_seeds_and_add_means():
     mean = next(r for r in rows if r.variant == "prac-n/4" and r.seed == "mean of 2")
     assert mean.test_acc == pytest.approx(83.0) and mean.acc_gap_vs_inductor == pytest.approx(0.5)
     assert len(rows) == 6
+
+
+def test_budget_value_in_a_variant_name():
+    assert variants.by_name("prac-n/4+budget=0.7").name == "prac r=n/4 +budget=0.7"
+    for bad in ("prac-n/4+budget=2", "prac-n/4+budget=x", "prac-n/4+budget+budget=0.7"):
+        with pytest.raises(ValueError):
+            variants.by_name(bad)
