@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Callable
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 COMMANDS = ("suite", "convergence", "finetune")
@@ -143,9 +144,28 @@ def suite(args) -> int:
     return 0
 
 
-def convergence(args) -> int:
+def _train_missing(configs: list, train: Callable[[object], dict], args,
+                   worker_argv: Callable[[object], list[str]]) -> list[dict]:
+    """Train the configurations without a finished cached run (unless ``--cached-only``): here,
+    or ``--jobs`` at a time in worker processes that run ``python -m bench <worker_argv(c)>``
+    and print no table. Returns the finished runs, in the order of ``configs``."""
     import torch
 
+    from bench.convergence import load  # one cache lookup for training and fine-tuning runs
+
+    todo = [c for c in configs if load(c) is None]
+    if todo and not args.cached_only:
+        if args.jobs > 1:
+            _parallel(lambda c: [*worker_argv(c), "--threads", str(args.threads), "--no-table"],
+                      todo, args.jobs)
+        else:
+            torch.set_num_threads(args.threads)
+            for c in todo:
+                train(c)
+    return [r for r in (load(c) for c in configs) if r is not None]
+
+
+def convergence(args) -> int:
     from bench import convergence as conv
     from bench import report
 
@@ -154,18 +174,9 @@ def convergence(args) -> int:
     models, names = _names(args.models), _names(args.variants)
     configs = [conv.TrainConfig(model=m, variant=v, steps=steps, eval_every=every)
                for m in models for v in names]
-    todo = [c for c in configs if conv.load(c) is None]
-    if todo and not args.cached_only:
-        if args.jobs > 1:
-            _parallel(lambda c: ["convergence", "--models", c.model, "--variants", c.variant,
-                                 "--steps", str(steps), "--eval-every", str(every),
-                                 "--threads", str(args.threads), "--no-table"],
-                      todo, args.jobs)
-        else:
-            torch.set_num_threads(args.threads)
-            for c in todo:
-                conv.train(c)
-    results = [r for r in (conv.load(c) for c in configs) if r is not None]
+    results = _train_missing(configs, conv.train, args, lambda c: [
+        "convergence", "--models", c.model, "--variants", c.variant, "--steps", str(steps),
+        "--eval-every", str(every)])
     if args.no_table:
         return 0
     if not results:
@@ -181,8 +192,6 @@ def convergence(args) -> int:
 
 
 def finetune(args) -> int:
-    import torch
-
     from bench import finetune as ft
     from bench import report
 
@@ -194,17 +203,8 @@ def finetune(args) -> int:
         return 2
     configs = [ft.FinetuneConfig(variant=v, steps=args.steps, seed=s, data_seed=s + 1)
                for s in seeds for v in names]
-    todo = [c for c in configs if ft.load(c) is None]
-    if todo and not args.cached_only:
-        if args.jobs > 1:
-            _parallel(lambda c: ["finetune", "--variants", c.variant, "--steps", str(args.steps),
-                                 "--seeds", str(c.seed), "--threads", str(args.threads),
-                                 "--no-table"], todo, args.jobs)
-        else:
-            torch.set_num_threads(args.threads)
-            for c in todo:
-                ft.train(c)
-    results = [r for r in (ft.load(c) for c in configs) if r is not None]
+    results = _train_missing(configs, ft.train, args, lambda c: [
+        "finetune", "--variants", c.variant, "--steps", str(args.steps), "--seeds", str(c.seed)])
     if args.no_table:
         return 0
     if not results:

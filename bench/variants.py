@@ -113,8 +113,8 @@ def by_name(spec: str) -> Variant:
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
-    budgets = {e for e in extras if e.startswith("budget=") and _fraction(e[7:])}
-    unknown = set(extras) - {"budget", "allsites"} - timing - budgets
+    budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
+    unknown = set(extras) - {"allsites"} - timing - set(budgets)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
                          f"prac-R[+budget[=B]][+allsites][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
@@ -125,11 +125,9 @@ def by_name(spec: str) -> Variant:
         options = {"exact_heads": ()} if "allsites" in extras else {}
         for e in timing:
             options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
-        if len(budgets) + ("budget" in extras) > 1:
+        if len(budgets) > 1:
             raise ValueError(f"one budget per variant, got {spec!r}")
-        value = BUDGET if "budget" in extras else None
-        for e in budgets:
-            value = float(e[7:])
+        value = (BUDGET if budgets[0] == "budget" else float(budgets[0][7:])) if budgets else None
         return prac(rank, label, with_budget=value, **options)
     if kind == "random":
         return prac(rank, f"random-only r={rank_name}", split=0.0)
