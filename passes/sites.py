@@ -29,12 +29,12 @@ Does not change the graph.
 from __future__ import annotations
 
 import operator
-import re
 
 import torch
 import torch.nn.functional as F
 
 from passes.graph_state import GraphState, PassResult, Site, SitePolicy
+from passes.paths import module_path, parameter_path
 
 _LINEAR = {torch._C._nn.linear, F.linear}
 _ADDMM = {torch.addmm}
@@ -60,39 +60,6 @@ _NONLINEAR = {
     torch.rsqrt, torch.exp, torch.layer_norm, F.dropout, F.elu, F.leaky_relu, torch.erf,
 }
 _NONLINEAR_METHODS = {"tanh", "sigmoid", "relu", "softmax", "rsqrt", "exp", "pow", "erf"}
-
-_PATH_TOKEN = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
-
-
-def param_path(node: torch.fx.Node) -> str:
-    """Dotted path of a Dynamo graph input: ``"model.layers.0.q_proj.weight"``, or ``""``."""
-    source = getattr(node, "_dynamo_source", None)
-    if source is None:
-        return ""
-    name = source.name() if callable(source.name) else source.name
-    head = re.match(r"^L\['[^']*'\]", name)
-    if head is None:
-        return ""
-    parts = [a or b or c for a, b, c in _PATH_TOKEN.findall(name[head.end():])]
-    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
-
-
-def module_path(node: torch.fx.Node) -> str:
-    """Dotted path of the module whose forward made ``node`` (``"lm_head"``), or ``""``.
-
-    This names the calling module even where the weight belongs to another one (GPT-2's
-    ``lm_head`` reads the tied ``transformer.wte.weight``)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    head = re.match(r"^L\['[^']*'\]", path)
-    if head is None:
-        return ""
-    path = re.sub(r"\['([^']+)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)),
-                  path[head.end():])
-    return path.strip(".")
-
 
 def _val(node):
     if isinstance(node, torch.fx.Node):
@@ -187,7 +154,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             site.reason = "unsupported pattern"
             continue
         w_val = _val(weight)
-        site.weight = param_path(weight) or weight.name
+        site.weight = parameter_path(weight) or weight.name
         site.module = module_path(node) or (
             site.weight.rsplit(".", 1)[0] if "." in site.weight else site.weight)
         site.input_node = x.name

@@ -42,6 +42,7 @@ class GroupBasis:
     resamples: int = 0
 
 
+STATE_VERSION = 2  # 2: keys name modules as the model does, whatever Dynamo called its root
 RANK_STRIDE = 1_000_003  # seed of process rank r: config.seed + RANK_STRIDE * r
 
 
@@ -71,6 +72,8 @@ class BasisStore:
         self._seeded = False  # True once the rank is known or a state was loaded
         self._warned: set[str] = set()
         self._owners: dict[str, weakref.ref] = {}  # key -> the parameter whose basis it holds
+        # key -> the key a state saved before paths were root-independent holds it under
+        self._legacy: dict[str, str] = {}
 
     def claim(self, key: str, owner: torch.Tensor | None) -> str:
         """The key under which the group of ``owner`` (the real weight of its first site) keeps its
@@ -98,6 +101,8 @@ class BasisStore:
         self._ensure_seeded()  # the first compile: the process group, if any, exists by now
         device = torch.device(device)
         group = self.groups.get(key)
+        if group is None and self._legacy.get(key) in self.groups:
+            group = self.groups[key] = self.groups.pop(self._legacy.pop(key))
         if group is None:
             group = self.groups[key] = GroupBasis(n, r1, r2, device)
         elif (group.n, group.r1, group.r2) != (n, r1, r2):
@@ -188,9 +193,23 @@ class BasisStore:
             log.warning(message)
 
     # -- checkpointing --------------------------------------------------------------------------
+    def _legacy_key(self, saved: str) -> str:
+        """The key to load a version-1 group under. Version 1 spelled a model entered through a
+        wrapper (Dynamo's ``L['args'][0]``, transformers 5.24) with a leading ``0.``: its key is
+        adopted under the root-independent name, now if that group is registered, else when a
+        graph first registers it. Any other key is loaded as it is (version 1 and 2 agree)."""
+        head, _, rest = saved.partition(".")
+        if not (head.isdigit() and rest):
+            return saved
+        if rest in self.groups:
+            return rest
+        self._legacy[rest] = saved
+        return saved
+
     def state_dict(self) -> dict:
         self._ensure_seeded()
         return {
+            "version": STATE_VERSION,
             "generator": self.generator.get_state(),
             "seed": self.seed,
             "groups": {
@@ -216,7 +235,14 @@ class BasisStore:
         self._seeded = True  # the loaded generator state wins over any rank seed
         if saved_seed is not None:
             self.seed = saved_seed
-        for key, s in state["groups"].items():
+        version = state.get("version", 1)
+        if version > STATE_VERSION:
+            raise ValueError(f"this PRAC state has version {version}; this prac_fx reads states up "
+                             f"to version {STATE_VERSION}: upgrade prac_fx to load it")
+        for saved_key, s in state["groups"].items():
+            key = saved_key
+            if version < 2:
+                key = self._legacy_key(saved_key)
             g = self.groups.get(key)
             device = g.device if g is not None else torch.device("cpu")
             g = self.groups[key] = GroupBasis(s["n"], s["r1"], s["r2"], device)

@@ -85,12 +85,12 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import re
 import time
 from typing import Callable
 
 import torch
 
+from passes.paths import module_path
 from prac_fx import graph_text, memory
 from prac_fx.backend import PracBackend
 from prac_fx.config import PracConfig
@@ -129,20 +129,6 @@ class _DynamoInfo:
     rows: dict[str, int]  # node name -> rows (numel / last dim) of its value
 
 
-_SOURCE_HEAD = re.compile(r"^[LG]\['[^']*'\]")
-
-
-def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = _SOURCE_HEAD.sub("", path)
-    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.lstrip(".")
-
-
 class _Recorder:
     """The backend ``torch.compile`` gets: notes the Dynamo graph's inputs and node metadata,
     then hands the graph to the ``PracBackend``."""
@@ -156,7 +142,7 @@ class _Recorder:
                   "input" if isinstance(e, torch.Tensor) else "symint" for e in example_inputs]
         modules, rows = {}, {}
         for node in gm.graph.nodes:
-            modules[node.name] = _module_path(node)
+            modules[node.name] = module_path(node)
             val = node.meta.get("example_value")
             if isinstance(val, torch.Tensor) and val.dim() >= 1 and isinstance(val.shape[-1], int) \
                     and val.shape[-1] > 0 and isinstance(val.numel(), int):
