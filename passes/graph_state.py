@@ -33,7 +33,8 @@ class Site:
 
     ``status`` is ``"rewritten"`` or ``"skipped"``; a skipped site names its ``reason``:
     ``attention``, ``nonlinear``, ``no trainable weight``, ``output head``, ``filtered``, ``too
-    narrow for the rank``, ``too few rows to gain``, ``unsupported pattern``.
+    narrow for the rank``, ``too few rows to gain``, ``unsupported pattern``, and the two
+    checkpoint reasons of ``passes.sites`` (``CHECKPOINTED``, ``SELECTIVE``).
     """
 
     node: str

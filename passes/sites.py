@@ -18,6 +18,12 @@ gradient would cost more than the exact one (r (N + n) >= N n with r < n: a pool
 input with one row per sample). A rank equal to the width keeps every direction and is never
 skipped for its rows (the exact mode the tests use).
 
+Linear sites inside an activation-checkpointed region (``torch.utils.checkpoint``, which Dynamo
+traces as a ``tag_activation_checkpoint`` call on a subgraph) are recorded as skipped: the
+region's activations are recomputed in the backward and never saved, so there is nothing to
+compress; under a selective-checkpoint policy (``context_fn``) the policy decides what is saved,
+and the region is left to it.
+
 Attention ops (SDPA, flash/efficient attention) and element-wise nonlinear ops are recorded as
 skipped (``attention`` / ``nonlinear``) and never touched: compressing the input of a nonlinear
 operator biases its gradient (arXiv 2605.01255), and attention keeps its own saved tensors. A
@@ -34,7 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from passes.graph_state import GraphState, PassResult, Site, SitePolicy
+from passes import torch_seam
 from passes.paths import module_path, parameter_path
+
+CHECKPOINTED = "inside activation checkpoint: recomputed, nothing saved to compress"
+SELECTIVE = ("inside selective activation checkpoint: its policy decides what is saved; "
+             "not compressed")
 
 _LINEAR = {torch._C._nn.linear, F.linear}
 _ADDMM = {torch.addmm}
@@ -123,10 +134,42 @@ def _classify_other(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _checkpointed_sites(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[Site]:
+    """The linear sites inside a checkpointed region, each skipped with the reason: a region's
+    activations are recomputed in the backward, not saved, so there is nothing to compress."""
+    found = torch_seam.checkpoint_body(gm, node)
+    if found is None:
+        return []
+    body, operands, selective = found
+    outer = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], operands))
+    sites = []
+    for inner in body.graph.nodes:
+        m = match(inner)
+        if m is None or m[0] == "unsupported":
+            continue
+        kind, _, weight, _ = m
+        weight = outer.get(weight, weight)
+        if not _is_trained_weight(weight):
+            continue
+        site = Site(node=f"{node.name}.{inner.name}", kind=kind,
+                    reason=SELECTIVE if selective else CHECKPOINTED)
+        site.weight = parameter_path(weight) or weight.name
+        site.module = module_path(inner) or site.weight.rpartition(".")[0]
+        w_val = _val(weight)
+        site.n, site.m = (w_val.shape[1], w_val.shape[0]) if kind == "linear" else tuple(w_val.shape)
+        site.n, site.m = int(site.n), int(site.m)
+        sites.append(site)
+    return sites
+
+
 def run(state: GraphState, policy: SitePolicy) -> PassResult:
     result = PassResult("find_sites")
     sites: list[Site] = []
     for node in state.gm.graph.nodes:
+        checkpointed = _checkpointed_sites(state.gm, node)
+        if checkpointed:
+            sites.extend(checkpointed)
+            continue
         m = match(node)
         if m is None:
             other = _classify_other(node)

@@ -38,3 +38,22 @@ def source_step(source) -> str | None:
         index = source.index
         return str(index) if isinstance(index, (str, int)) else None
     return None
+
+
+# -- activation checkpointing under Dynamo ---------------------------------------------------------
+def checkpoint_body(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """For a ``tag_activation_checkpoint`` node (``torch.utils.checkpoint`` traced by Dynamo):
+    ``(body, operands, selective)``, the region's graph module, the outer nodes bound to its
+    placeholders, and whether a ``context_fn`` (a selective-checkpoint policy) decides what it
+    saves. None for any other node."""
+    op = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    if op is None or node.op != "call_function" or node.target is not op:
+        return None
+    body_ref = node.args[0] if node.args else None
+    if not isinstance(body_ref, torch.fx.Node) or body_ref.op != "get_attr":
+        return None
+    body = getattr(gm, str(body_ref.target), None)
+    if not isinstance(body, torch.fx.GraphModule):
+        return None
+    selective = body.meta.get("_checkpoint_context_fn") is not None
+    return body, list(node.args[1:]), selective

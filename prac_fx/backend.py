@@ -19,7 +19,7 @@ import torch.fx
 
 import passes
 from passes import probe as probe_graph
-from passes.sites import match
+from passes.sites import CHECKPOINTED, SELECTIVE, match
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
 from prac_fx.report import GraphRecord, Report
@@ -38,10 +38,54 @@ def _real_tensor(node: torch.fx.Node) -> torch.Tensor | None:
     return example if isinstance(example, torch.Tensor) else None
 
 
-def _inductor(gm, example_inputs, inner_compile=None):
+def _inductor(gm, example_inputs, inner_compile=None, config_patches=None):
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    return compile_fx(gm, list(example_inputs), inner_compile=inner_compile or compile_fx_inner)
+    return compile_fx(gm, list(example_inputs), inner_compile=inner_compile or compile_fx_inner,
+                      config_patches=config_patches or None)
+
+
+def inductor_patches(mode: str | None = None, options: dict | None = None) -> dict:
+    """The Inductor configuration ``torch.compile(mode=..., options=...)`` would apply, checked
+    the way ``torch.compile`` checks it: a mode Inductor knows, option names it has (``-`` or
+    ``_``), values of the declared type. Raises ValueError otherwise."""
+    import torch._inductor as inductor
+    from torch._inductor import config
+
+    if mode is not None and options is not None:
+        raise ValueError("give mode= or options=, not both (as torch.compile requires)")
+    patches: dict = {}
+    if mode not in (None, "default"):
+        try:
+            patches.update(inductor.list_mode_options(mode))
+        except RuntimeError as err:
+            raise ValueError(f"unknown compile mode {mode!r}: {err}") from None
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be a dict of Inductor settings, got {options!r}")
+        current = config.get_config_copy()
+        for key, value in options.items():
+            name = str(key).replace("-", "_")
+            if name not in current:
+                raise ValueError(f"unknown Inductor option {key!r} (see torch._inductor.list_options())")
+            declared = type(current[name])
+            if current[name] is not None and not isinstance(value, declared) and not (
+                    declared is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"Inductor option {key!r} takes a {declared.__name__}, "
+                                 f"got {type(value).__name__}")
+            patches[name] = value
+    return patches
+
+
+def _is_dynamo_control_flow(err: BaseException) -> bool:
+    """Dynamo signals with exceptions: a restart of its analysis (``RestartAnalysis`` and its
+    subclasses, e.g. ``TensorifyScalarRestartAnalysis`` under ``dynamic=True``), a frame to skip,
+    a graph break, a reset. Those must reach Dynamo untouched; only the wrappers Dynamo puts
+    around a genuine failure count as a failure of the rewrite."""
+    from torch._dynamo import exc
+
+    failures = (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.TorchRuntimeError)
+    return isinstance(err, exc.TorchDynamoException) and not isinstance(err, failures)
 
 
 class PracBackend:
@@ -65,21 +109,38 @@ class PracBackend:
         self._narrow: set[str] = set()  # modules already reported too narrow for the rank
 
     # -- the backend protocol -------------------------------------------------------------------
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence, *,
+                 mode: str | None = None, options: dict | None = None) -> Callable:
+        """Dynamo calls this with ``mode=``/``options=`` when ``torch.compile`` was given them:
+        they apply to Inductor as they would to ``backend="inductor"``."""
+        patches = inductor_patches(mode, options)
+        if patches and self.compiler != "inductor":
+            raise ValueError(f"mode={mode!r} / options={options!r} configure Inductor; this "
+                             f"backend runs compiler={self.compiler!r}, which has no such settings")
         record = GraphRecord(index=len(self.graphs), training=torch.is_grad_enabled())
         self.graphs.append(record)
+        try:
+            return self._build(gm, example_inputs, record, patches)
+        except Exception as err:
+            if _is_dynamo_control_flow(err):  # Dynamo will call again: this attempt never ran
+                self.graphs.remove(record)
+            raise
+
+    def _build(self, gm, example_inputs, record: GraphRecord, patches: dict) -> Callable:
         record.dynamo_code = gm.print_readable(print_output=False, include_stride=False,
                                                include_device=False)
         if not record.training or not self.rewrite:
             record.note = "grad disabled: compiled unchanged" if self.rewrite else "baseline"
-            return self._compile(gm, example_inputs, record)
+            return self._compile(gm, example_inputs, record, patches)
         try:
             work = probe_graph.clone(gm)
             state = passes.run(work, self.config)
         except Exception as err:  # never stop training on a graph the passes cannot handle
+            if _is_dynamo_control_flow(err):
+                raise
             log.warning("prac_fx: graph %d left unchanged (%s: %s)", record.index, type(err).__name__, err)
             record.note = f"fallback: {type(err).__name__}: {err}"
-            return self._compile(gm, example_inputs, record)
+            return self._compile(gm, example_inputs, record, patches)
         record.sites, record.groups, record.passes = state.sites, state.groups, state.results
         log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
                  record.index, record.matched, record.rewritten, len(state.groups))
@@ -89,8 +150,12 @@ class PracBackend:
                 log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
                             "nothing compressed there", site.module, site.n, self.config.rank)
         if not state.groups:
-            record.note = "no linear site to compress"
-            return self._compile(gm, example_inputs, record)
+            checkpointed = sorted({s.reason for s in state.sites
+                                   if s.reason in (CHECKPOINTED, SELECTIVE)})
+            record.note = "; ".join(checkpointed) or "no linear site to compress"
+            if checkpointed:
+                log.info("prac_fx: graph %d: %s", record.index, record.note)
+            return self._compile(gm, example_inputs, record, patches)
         record.rewritten_code = work.print_readable(print_output=False, include_stride=False,
                                                     include_device=False)
 
@@ -110,8 +175,10 @@ class PracBackend:
         if any(e is None for e in examples):
             examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
         try:
-            compiled = self._compile(work, [*example_inputs, *examples], record)
+            compiled = self._compile(work, [*example_inputs, *examples], record, patches)
         except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
+            if _is_dynamo_control_flow(err):
+                raise
             first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is a traceback
             log.warning("prac_fx: graph %d: the rewritten graph failed to compile (%s: %s); "
                         "compiled unchanged", record.index, type(err).__name__, first_line)
@@ -119,7 +186,7 @@ class PracBackend:
             record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
             record.sites, record.groups, record.rewritten_code = [], [], ""
             record.placement.clear()
-            return self._compile(gm, example_inputs, record)
+            return self._compile(gm, example_inputs, record, patches)
         probe = None
         if any(g.r1 > 0 for g in state.groups):
             try:
@@ -152,7 +219,7 @@ class PracBackend:
                 group.key = key
         return owner_args
 
-    def _compile(self, gm, example_inputs, record: GraphRecord):
+    def _compile(self, gm, example_inputs, record: GraphRecord, patches: dict | None = None):
         if self.compiler == "eager":
             from torch._dynamo.backends.common import aot_autograd
             from torch._dynamo.backends.debugging import boxed_nop
@@ -171,7 +238,7 @@ class PracBackend:
             record.capture(g, kwargs.get("is_backward", False), n_bases=len(record.groups))
             return compile_fx_inner(g, ex, *args, **kwargs)
 
-        return _inductor(gm, example_inputs, inner)
+        return _inductor(gm, example_inputs, inner, patches)
 
     # -- introspection --------------------------------------------------------------------------
     def report(self) -> Report:
@@ -218,9 +285,16 @@ def backend(*, rank: int | float = 0.25, compiler: str = "inductor", **options) 
 _default: PracBackend | None = None
 
 
-def prac_backend(gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
-    """The backend registered as ``"prac"``: one process-wide ``PracBackend()`` with defaults."""
+def default_backend() -> PracBackend:
+    """The process-wide backend behind ``backend="prac"``, made at its first use with the
+    configuration the ``PRAC_FX_*`` environment variables give (``PracConfig.from_env``)."""
     global _default
     if _default is None:
-        _default = PracBackend()
-    return _default(gm, example_inputs)
+        _default = PracBackend(PracConfig.from_env())
+    return _default
+
+
+def prac_backend(gm: torch.fx.GraphModule, example_inputs: Sequence, **kwargs) -> Callable:
+    """The backend registered as ``"prac"``: ``default_backend()``, for tools that take only a
+    backend name. ``mode=`` and ``options=`` pass through to Inductor."""
+    return default_backend()(gm, example_inputs, **kwargs)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Callable
+import os
+from typing import Callable, Mapping
 
 
 def _is_number(value) -> bool:
@@ -11,6 +12,31 @@ def _is_number(value) -> bool:
 
 
 HEADS = ("lm_head", "output", "head", "score", "classifier")
+
+ENV_PREFIX = "PRAC_FX_"
+# PracConfig fields settable from the environment (site_filter, a callable, is not; its
+# environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
+_ENV_FIELDS = ("rank", "split", "refresh_every", "resample_every", "seed", "complement_scale",
+               "exact_heads")
+
+
+def _env_number(name: str, text: str):
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected a number") from None
+
+
+def _exclude_filter(parts: tuple[str, ...]) -> Callable[[str], bool]:
+    def keep(path: str) -> bool:
+        return not any(part in path for part in parts)
+
+    keep.__qualname__ = f"exclude{parts!r}"
+    return keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +133,46 @@ class PracConfig:
             not _is_number(self.complement_scale) or self.complement_scale <= 0
         ):
             raise ValueError(f"complement_scale must be a positive number or None, got {self.complement_scale!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PracConfig":
+        """The configuration the ``PRAC_FX_*`` environment variables give, for tools that take
+        only a backend name (``backend="prac"``, a trainer's ``torch_compile_backend``).
+
+        ``PRAC_FX_RANK``, ``PRAC_FX_SPLIT`` (an int or a float, as in Python),
+        ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
+        ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
+        ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
+        ``PRAC_FX_EXCLUDE`` (comma-separated substrings of module paths left exact). Unset ones
+        keep their defaults. Values are checked like ``PracConfig(...)`` arguments; an unknown
+        ``PRAC_FX_*`` name is an error, so a typo never passes silently.
+        """
+        environ = os.environ if environ is None else environ
+        names = {ENV_PREFIX + f.upper(): f for f in _ENV_FIELDS}
+        allowed = sorted([*names, ENV_PREFIX + "EXCLUDE"])
+        kwargs: dict = {}
+        for key, text in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            if key == ENV_PREFIX + "EXCLUDE":
+                parts = tuple(p.strip() for p in text.split(",") if p.strip())
+                if parts:
+                    kwargs["site_filter"] = _exclude_filter(parts)
+                continue
+            field = names.get(key)
+            if field is None:
+                raise ValueError(f"unknown environment variable {key}; prac_fx reads {allowed}")
+            text = text.strip()
+            if field == "exact_heads":
+                kwargs[field] = tuple(p.strip() for p in text.split(",") if p.strip())
+            elif field in ("resample_every", "complement_scale") and text.lower() == "none":
+                kwargs[field] = None
+            else:
+                kwargs[field] = _env_number(key, text)
+        try:
+            return cls(**kwargs)
+        except ValueError as err:
+            raise ValueError(f"from the {ENV_PREFIX}* environment: {err}") from None
 
     # -- the SitePolicy the passes read ---------------------------------------------------------
     def ranks(self, n: int) -> tuple[int, int] | None:
