@@ -49,6 +49,7 @@ class Site:
     group: str | None = None
     r1: int = 0
     r2: int = 0
+    stat_index: int | None = None  # its row of the graph's ``prac_stats`` input, once rewritten
 
 
 @dataclasses.dataclass
@@ -84,6 +85,7 @@ class GraphState:
     sites: list[Site] = dataclasses.field(default_factory=list)
     groups: list[Group] = dataclasses.field(default_factory=list)
     results: list[PassResult] = dataclasses.field(default_factory=list)
+    stats_placeholder: str = ""  # the ``prac_stats`` input the rewrite adds after the bases
 
     def node(self, name: str) -> torch.fx.Node:
         for n in self.gm.graph.nodes:

@@ -5,7 +5,7 @@ Contract
 ``compress(x, basis)`` returns the compressed activation ``x_compressed = x2d @ P`` with ``x2d`` the
 input flattened to ``(N, n)``. It is detached: no gradient flows through the compressed copy.
 
-``CompressedLinear.apply(x, weight, bias, x_compressed, basis, kind)`` computes *exactly* the op it
+``CompressedLinear.apply(x, weight, bias, x_compressed, basis, kind, r1, stats)`` computes *exactly* the op it
 replaces (``kind`` names it: ``"linear"`` for ``F.linear`` with a weight of shape ``(m, n)``,
 ``"addmm"`` for ``torch.addmm(bias, x, weight)`` with a weight of shape ``(n, m)`` as in GPT-2's
 Conv1D, ``"matmul"`` for ``x @ weight`` with a weight of shape ``(n, m)``). It saves only
@@ -14,7 +14,13 @@ Conv1D, ``"matmul"`` for ``x @ weight`` with a weight of shape ``(n, m)``). It s
 - the input gradient is exact (it never reads ``x``);
 - the weight gradient is computed in the co-compressed order of arXiv 2605.01255,
   ``(dY^T (x P)) P^T``, so the reconstructed input ``x P P^T`` is never materialised;
-- the bias gradient is exact.
+- the bias gradient is exact;
+- ``stats`` (optional, a (2,) float32 tensor that requires grad) receives as its "gradient" the
+  squared norms ``[||A1||^2, ||A2||^2]`` of ``A = dY^T (x P)`` split at column ``r1``: the
+  product the factored weight gradient computes first, so they cost two reductions. ``A1 = G Q1``
+  is exact and ``E ||A2||^2 = ||G (I - Q1 Q1^T)||^2``, which is what the weight gradient's
+  variance depends on (``prac_fx.variance``). The runner passes a fresh leaf each call and reads
+  its ``.grad`` after the backward.
 
 With ``P = [Q1, sqrt(k) Q2]`` built as in PRAC (arXiv 2602.23111) the weight gradient is unbiased:
 ``E[P P^T] = I`` over the draw of ``Q2``.
@@ -51,7 +57,7 @@ class CompressedLinear(torch.autograd.Function):
     """Exact forward, exact input gradient, factored low-rank weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_compressed, basis, kind):
+    def forward(ctx, x, weight, bias, x_compressed, basis, kind, r1=0, stats=None):
         if kind == "linear":
             out = F.linear(x, weight, bias)
         elif kind == "addmm":
@@ -61,6 +67,8 @@ class CompressedLinear(torch.autograd.Function):
         else:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
         ctx.kind = kind
+        ctx.r1 = r1
+        ctx.with_stats = stats is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x_compressed, basis, weight)
         return out
@@ -70,7 +78,7 @@ class CompressedLinear(torch.autograd.Function):
         x_compressed, basis, weight = ctx.saved_tensors
         weight_is_out_in = ctx.kind == "linear"  # (m, n) for linear, (n, m) otherwise
         m = weight.shape[0] if weight_is_out_in else weight.shape[1]
-        grad_x = grad_weight = grad_bias = None
+        grad_x = grad_weight = grad_bias = grad_stats = None
 
         # grad_x = grad_out @ W (linear) or grad_out @ W^T (addmm, matmul): exact, x is not needed.
         if ctx.needs_input_grad[0]:
@@ -78,18 +86,26 @@ class CompressedLinear(torch.autograd.Function):
             grad_x = torch.matmul(grad_out, w if weight_is_out_in else w.t())
 
         grad_out_2d = grad_out.reshape(-1, m)  # (N, m)
-        if ctx.needs_input_grad[1]:
+        with_stats = ctx.with_stats and ctx.needs_input_grad[7]
+        if ctx.needs_input_grad[1] or with_stats:
             basis_c = basis.to(x_compressed.dtype)
             g = grad_out_2d.to(x_compressed.dtype)
             if weight_is_out_in:
                 # grad_weight = grad_out^T @ x  ~=  (grad_out^T @ (x @ P)) @ P^T     (m, n)
-                grad_weight = torch.mm(torch.mm(g.t(), x_compressed), basis_c.t())
+                a = torch.mm(g.t(), x_compressed)  # (m, r)
+                grad_weight = torch.mm(a, basis_c.t())
             else:
                 # grad_weight = x^T @ grad_out  ~=  P @ ((x @ P)^T @ grad_out)       (n, m)
-                grad_weight = torch.mm(basis_c, torch.mm(x_compressed.t(), g))
-            grad_weight = grad_weight.to(weight.dtype)
+                a_t = torch.mm(x_compressed.t(), g)  # (r, m) = A^T
+                grad_weight = torch.mm(basis_c, a_t)
+                a = a_t.t()
+            grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+            if with_stats:
+                # [||G Q1||^2, ||sqrt(k) G Q2||^2]: the running variance estimate's inputs
+                a = a.float()
+                grad_stats = torch.stack([a[:, :ctx.r1].square().sum(), a[:, ctx.r1:].square().sum()])
 
         # grad_bias = sum over rows of grad_out: exact.
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out_2d.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, grad_stats

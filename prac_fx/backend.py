@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -107,6 +108,7 @@ class PracBackend:
         self.store = BasisStore(self.config)
         self.graphs: list[GraphRecord] = []
         self._narrow: set[str] = set()  # modules already reported too narrow for the rank
+        self._runners: list[weakref.ref] = []  # the runners handed to Dynamo (for collect())
 
     # -- the backend protocol -------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence, *,
@@ -172,8 +174,11 @@ class PracBackend:
         # placeholders: a real tensor here would be fakeified with symbolic sizes.
         work_nodes = {n.name: n for n in work.graph.nodes}
         examples = [work_nodes[g.basis_placeholder].meta.get("example_value") for g in state.groups]
+        examples.append(work_nodes[state.stats_placeholder].meta.get("example_value"))
         if any(e is None for e in examples):
             examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
+            examples.append(torch.zeros(sum(len(g.sites) for g in state.groups), 2,
+                                        device=devices[0], requires_grad=True))
         try:
             compiled = self._compile(work, [*example_inputs, *examples], record, patches)
         except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
@@ -195,8 +200,10 @@ class PracBackend:
                 log.warning("prac_fx: graph %d: no activation probe (%s); principal bases stay "
                             "random orthonormal, which keeps gradients unbiased", record.index, err)
                 record.note = f"no probe: {err}"
-        return PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str),
-                          owner_args, names)
+        runner = PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str),
+                            owner_args, names)
+        self._runners.append(weakref.ref(runner))
+        return runner
 
     def _claim(self, gm: torch.fx.GraphModule, state) -> list[int | None]:
         """Give each group the store key of its own weight (``BasisStore.claim``): a block class
@@ -225,7 +232,7 @@ class PracBackend:
             from torch._dynamo.backends.debugging import boxed_nop
 
             def keep(g, ex, is_backward=False):
-                record.capture(g, is_backward, n_bases=len(record.groups))
+                record.capture(g, is_backward, n_bases=len(record.groups), n_trailing=1)
                 return boxed_nop(g, ex)
 
             fw = lambda g, ex: keep(g, ex, False)  # noqa: E731
@@ -235,14 +242,27 @@ class PracBackend:
         from torch._inductor.compile_fx import compile_fx_inner
 
         def inner(g, ex, *args, **kwargs):
-            record.capture(g, kwargs.get("is_backward", False), n_bases=len(record.groups))
+            record.capture(g, kwargs.get("is_backward", False), n_bases=len(record.groups),
+                           n_trailing=1)
             return compile_fx_inner(g, ex, *args, **kwargs)
 
         return _inductor(gm, example_inputs, inner, patches)
 
     # -- introspection --------------------------------------------------------------------------
     def report(self) -> Report:
-        return Report(self.graphs)
+        self.collect()
+        return Report(self.graphs, self.store)
+
+    def collect(self) -> None:
+        """Read the running variance statistics of every backward that has run since the last
+        training call (the runners read them at each call; this catches up the last one)."""
+        alive = []
+        for ref in self._runners:
+            runner = ref()
+            if runner is not None:
+                runner.collect()
+                alive.append(ref)
+        self._runners = alive
 
     def state_dict(self) -> dict:
         return {"config": dataclasses.asdict(self.config) | {"site_filter": None},

@@ -40,6 +40,9 @@ class GroupBasis:
     calls: int = 0
     refreshes: int = 0
     resamples: int = 0
+    # per site of the group: moving averages of ||A1||^2 and ||A2||^2 (``observe``)
+    a1_sq: dict[int, float] = dataclasses.field(default_factory=dict)
+    a2_sq: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 STATE_VERSION = 2  # 2: keys name modules as the model does, whatever Dynamo called its root
@@ -180,6 +183,30 @@ class BasisStore:
         signs = torch.sign(torch.diagonal(r))
         signs[signs == 0] = 1
         return (q * signs).float()  # sign fix makes Q Haar-distributed
+
+    # -- the running variance estimate -------------------------------------------------------
+    STATS_DECAY = 0.9  # moving average over about ten training calls
+
+    def observe(self, key: str, site: int, a1_sq: float, a2_sq: float) -> None:
+        """One backward's squared norms ``||A1||^2, ||A2||^2`` of a site (``passes.ops``)."""
+        g = self.groups.get(key)
+        if g is None or not (math.isfinite(a1_sq) and math.isfinite(a2_sq)):
+            return
+        d = self.STATS_DECAY
+        g.a1_sq[site] = a1_sq if site not in g.a1_sq else d * g.a1_sq[site] + (1 - d) * a1_sq
+        g.a2_sq[site] = a2_sq if site not in g.a2_sq else d * g.a2_sq[site] + (1 - d) * a2_sq
+
+    def running_variance(self, key: str, site: int) -> float | None:
+        """The site's relative weight-gradient variance ``E||G^ - G||^2 / ||G||^2`` as the
+        moving averages estimate it, ``(k - 1) ||A2||^2 / (||A1||^2 + ||A2||^2)``
+        (``prac_fx.variance``); None before its first backward, or with a ``complement_scale``
+        other than the unbiased one (the identity does not hold there)."""
+        g = self.groups.get(key)
+        if g is None or site not in g.a1_sq or g.r2 == 0 or self.config.complement_scale is not None:
+            return None
+        total = g.a1_sq[site] + g.a2_sq[site]
+        k = (g.n - g.r1) / g.r2
+        return (k - 1.0) * g.a2_sq[site] / total if total > 0 else 0.0
 
     def basis(self, key: str) -> torch.Tensor:
         return self.groups[key].basis

@@ -50,10 +50,13 @@ def _compress_nodes(graph: torch.fx.Graph, basis_names: list[str]) -> dict[str, 
     return found
 
 
-def placement(forward: torch.fx.Graph, n_bases: int) -> tuple[list[str], list[str], list[str]]:
-    """(basis placeholder names, per-basis status from the forward, saved output names)."""
+def placement(forward: torch.fx.Graph, n_bases: int, n_trailing: int = 0
+              ) -> tuple[list[str], list[str], list[str]]:
+    """(basis placeholder names, per-basis status from the forward, saved output names). The
+    bases are the ``n_bases`` placeholders before the last ``n_trailing`` (the stats input)."""
     placeholders = [n for n in forward.nodes if n.op == "placeholder"]
-    bases = [n.name for n in placeholders[len(placeholders) - n_bases:]] if n_bases else []
+    end = len(placeholders) - n_trailing
+    bases = [n.name for n in placeholders[end - n_bases:end]] if n_bases else []
     output = next(n for n in forward.nodes if n.op == "output")
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
     out_names = {o.name for o in outs if isinstance(o, torch.fx.Node)}
@@ -112,13 +115,15 @@ class GraphRecord:
     def rewritten(self) -> int:
         return sum(1 for s in self.sites if s.status == "rewritten")
 
-    def capture(self, gm: torch.fx.GraphModule, is_backward: bool, n_bases: int) -> None:
+    def capture(self, gm: torch.fx.GraphModule, is_backward: bool, n_bases: int,
+                n_trailing: int = 0) -> None:
         code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
         if not is_backward:
             self.forward_code = code
             self._forward_ops = {n.name: "input" if n.op == "placeholder" else _op_name(n)
                                  for n in gm.graph.nodes}
-            names, status, _ = placement(gm.graph, n_bases)
+            names, status, _ = placement(gm.graph, n_bases if self.groups else 0,
+                                         n_trailing if self.groups else 0)
             self._basis_names = names
             for group, st in zip(self.groups, status):
                 self.placement[group.key] = st
@@ -134,6 +139,7 @@ class GraphRecord:
 @dataclasses.dataclass
 class Report:
     graphs: list[GraphRecord]
+    store: object = None  # the BasisStore: the running variance estimate per site
 
     @property
     def sites_matched(self) -> int:
@@ -160,8 +166,19 @@ class Report:
                     "r2": s.r2 if s.status == "rewritten" else None,
                     "status": s.status if s.status == "rewritten" else f"skipped: {s.reason}",
                     "compressed copy": g.placement.get(s.group, "") if s.group else "",
+                    "rel. variance": self._variance(g, s),
                 })
         return rows
+
+    def _variance(self, record: GraphRecord, site: Site) -> float | None:
+        """The running estimate of the site's relative weight-gradient variance, or None."""
+        if self.store is None or site.status != "rewritten" or not site.group:
+            return None
+        group = next((g for g in record.groups if g.key == site.group), None)
+        if group is None or site.node not in group.sites:
+            return None
+        value = self.store.running_variance(site.group, group.sites.index(site.node))
+        return None if value is None else round(value, 4)
 
     def table(self, include_skipped: bool = False) -> str:
         from tabulate import tabulate

@@ -3,7 +3,11 @@
 Per training call it (1) refits the principal basis of every group that is due, by running the
 probe graph (a no-grad forward that returns Gram matrices, with the RNG state restored after, so
 dropout masks are the same as without the probe); (2) redraws random complements that are due;
-(3) calls the compiled graph with the bases appended to the arguments; (4) counts the call.
+(3) calls the compiled graph with the bases appended to the arguments, and after them a fresh
+leaf ``stats`` (sites, 2) whose gradient the backward fills with each site's squared norms
+``[||A1||^2, ||A2||^2]``; (4) counts the call. The leaves of earlier calls are read when the next
+training call starts or when ``collect()`` is called (by ``backend.report()``), once their
+backward has run, and go into the store's running variance estimate.
 
 A basis is only ever replaced by a new tensor, never written in place, so the saved copy a
 backward reads always belongs to the basis its forward used.
@@ -52,6 +56,9 @@ class PracRunner:
         # per group: the name its weights claim a key under (the key before ``BasisStore.claim``)
         self.names = list(names) if names is not None else list(self.keys)
         self._bound: dict[tuple, tuple[list, list[str]]] = {}  # weight ids -> (weakrefs, keys)
+        # per rewritten site, in the order of the graph's stats rows: (group index, index in group)
+        self.stat_rows = [(gi, si) for gi, g in enumerate(self.groups) for si in range(len(g.sites))]
+        self._pending: list[tuple[torch.Tensor, list[str]]] = []  # (stats leaf, keys) per call
 
     def _keys(self, args: tuple) -> list[str]:
         """The store keys of this call's weights (cached per set of weights)."""
@@ -85,6 +92,22 @@ class PracRunner:
                 self.store.refresh(key, gram)
         log.debug("refreshed %d bases", len(due))
 
+    def _stats(self, device, requires_grad: bool) -> torch.Tensor:
+        return torch.zeros(len(self.stat_rows), 2, dtype=torch.float32, device=device,
+                           requires_grad=requires_grad)
+
+    def collect(self) -> None:
+        """Move the squared norms of every call whose backward has run into the store."""
+        still = []
+        for leaf, keys in self._pending:
+            if leaf.grad is None:  # its backward has not run (yet, or never: a forward only)
+                still.append((leaf, keys))
+                continue
+            values = leaf.grad.detach().to("cpu", torch.float64).tolist()
+            for (gi, si), (a1_sq, a2_sq) in zip(self.stat_rows, values):
+                self.store.observe(keys[gi], si, a1_sq, a2_sq)
+        self._pending = still[-8:]  # forwards without a backward are dropped after a while
+
     def _shape_only(self, args: tuple):
         """A call on fake tensors (DDP's graph splitting runs each compiled piece once on fake
         inputs to learn its outputs' shapes): no refresh, no draw, no count."""
@@ -95,7 +118,8 @@ class PracRunner:
                 device = self.store.groups[key].device
                 basis = torch.zeros(group.n, group.rank, dtype=torch.float32, device=device)
             bases.append(basis)
-        return call_compiled(self.compiled, [*args, *bases])
+        stats = self._stats(bases[0].device if bases else None, True)
+        return call_compiled(self.compiled, [*args, *bases, stats])
 
     def __call__(self, *args):
         if any(isinstance(a, FakeTensor) for a in args):
@@ -104,6 +128,7 @@ class PracRunner:
         keys = self._keys(args)
         training = torch.is_grad_enabled()
         if training:
+            self.collect()
             due = [k for k in keys if store.due_refresh(k)]
             if due:
                 self._refresh(args, keys, due)
@@ -115,8 +140,10 @@ class PracRunner:
                 if store.basis(key) is None:
                     store.refresh(key, None)
         bases = [store.basis(k) for k in keys]
-        out = call_compiled(self.compiled, [*args, *bases])
+        stats = self._stats(bases[0].device, training)
+        out = call_compiled(self.compiled, [*args, *bases, stats])
         if training:
+            self._pending.append((stats, keys))
             for key in keys:
                 store.advance(key)
             self.calls += 1

@@ -1,0 +1,220 @@
+"""How noisy is the compressed weight gradient? A per-site diagnostic.
+
+For a site with exact weight gradient ``G = dY^T X`` (m, n) and basis ``P = [Q1, sqrt(k) Q2]``
+(Q2 Haar in the orthogonal complement of Q1, ``k = (n - r1) / r2``), the estimate the backward
+computes is ``G^ = (dY^T (X P)) P^T = G P P^T``. It is unbiased, and
+
+    E ||G^ - G||_F^2 = (k - 1) ||G (I - Q1 Q1^T)||_F^2                               (1)
+
+(expand ``G P P^T - G = G_perp (k Q2 Q2^T - I)`` with ``G_perp = G (I - Q1 Q1^T)`` and use
+``E[Q2 Q2^T] = (I - Q1 Q1^T) / k``). The figure reported is the relative variance
+``E ||G^ - G||^2 / ||G||^2``: what matters is the *gradient's* energy outside Q1, and ``k``.
+
+Three ways to get it, each a function here:
+
+- ``sampled_variance``: the exact ``G`` and many independent draws of Q2 (the measurement);
+- ``identity_variance``: (1) evaluated on the exact ``G`` (the check of the measurement);
+- ``running_estimate``: what the backward can see at no cost. With ``A = dY^T (X P)`` (m, r),
+  the product the factored gradient computes first, ``A1 = G Q1`` is exact and
+  ``A2 = sqrt(k) G Q2`` has ``E ||A2||^2 = ||G_perp||^2``, so
+  ``(k - 1) ||A2||^2 / (||A1||^2 + ||A2||^2)`` estimates the relative variance from one draw.
+
+``measure(backend, model, loss_fn)`` applies the first two to every site a backend rewrote, on one
+batch: with Q1 as the backend's state holds it (``fit="state"``: fitted to whichever batch the
+last refresh saw, the condition training runs in) or refitted to this very batch
+(``fit="batch"``: the best a principal basis from activations can do).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+FITS = ("state", "batch")
+
+
+def complement_draw(q1: torch.Tensor | None, n: int, r2: int, generator: torch.Generator) -> torch.Tensor:
+    """Q2 (n, r2), float64, Haar-distributed in the orthogonal complement of ``q1`` (n, r1)."""
+    draw = torch.randn(n, r2, generator=generator, dtype=torch.float64)
+    if q1 is not None and q1.shape[1]:
+        q1 = q1.double()
+        for _ in range(2):  # a second projection removes what rounding left in span(Q1)
+            draw = draw - q1 @ (q1.t() @ draw)
+    q2, _ = torch.linalg.qr(draw)
+    return q2
+
+
+def _k(n: int, r1: int, r2: int) -> float:
+    return (n - r1) / r2
+
+
+def identity_variance(grad: torch.Tensor, q1: torch.Tensor | None, r2: int) -> float:
+    """(k - 1) ||G (I - Q1 Q1^T)||^2 for ``grad`` (m, n): equation (1)."""
+    g = grad.double()
+    n = g.shape[1]
+    r1 = 0 if q1 is None else q1.shape[1]
+    perp = g if q1 is None or not r1 else g - (g @ q1.double()) @ q1.double().t()
+    return (_k(n, r1, r2) - 1.0) * perp.square().sum().item()
+
+
+def sampled_variance(grad: torch.Tensor, q1: torch.Tensor | None, r2: int, draws: int,
+                     generator: torch.Generator) -> float:
+    """Mean of ||G P P^T - G||^2 over ``draws`` independent draws of Q2."""
+    g = grad.double()
+    n = g.shape[1]
+    r1 = 0 if q1 is None else q1.shape[1]
+    k = _k(n, r1, r2)
+    total = 0.0
+    for _ in range(draws):
+        q2 = complement_draw(q1, n, r2, generator)
+        parts = [q2 * math.sqrt(k)] if q1 is None or not r1 else [q1.double(), q2 * math.sqrt(k)]
+        p = torch.cat(parts, dim=1)
+        total += ((g @ p) @ p.t() - g).square().sum().item()
+    return total / draws
+
+
+def running_estimate(a1_sq: float, a2_sq: float, k: float) -> float:
+    """Relative variance from one draw: ``(k - 1) ||A2||^2 / (||A1||^2 + ||A2||^2)``."""
+    denom = a1_sq + a2_sq
+    return (k - 1.0) * a2_sq / denom if denom > 0 else 0.0
+
+
+def principal_basis(x: torch.Tensor, r1: int) -> torch.Tensor:
+    """Top-``r1`` right singular vectors of ``x`` (..., n), as the store's refresh computes them."""
+    x2d = x.detach().reshape(-1, x.shape[-1]).double()
+    _, vecs = torch.linalg.eigh(x2d.t() @ x2d)
+    return vecs[:, -r1:].flip(-1) if r1 else vecs[:, :0]
+
+
+@dataclasses.dataclass
+class SiteVariance:
+    """One rewritten site: its relative variance, measured and by the identity."""
+
+    group: str
+    module: str
+    n: int
+    r1: int
+    r2: int
+    grad_sq: float  # ||G||^2
+    sampled: float  # E||G^ - G||^2 over the draws
+    identity: float  # (k - 1) ||G_perp||^2
+
+    @property
+    def k(self) -> float:
+        return _k(self.n, self.r1, self.r2)
+
+    @property
+    def relative(self) -> float:
+        return self.sampled / self.grad_sq if self.grad_sq else 0.0
+
+    @property
+    def relative_identity(self) -> float:
+        return self.identity / self.grad_sq if self.grad_sq else 0.0
+
+    @property
+    def energy_outside(self) -> float:
+        """||G_perp||^2 / ||G||^2: the share of the gradient Q1 does not hold."""
+        return self.identity / (self.k - 1.0) / self.grad_sq if self.grad_sq and self.k > 1 else 0.0
+
+
+def total(rows: list[SiteVariance], which: str = "sampled") -> float:
+    """sum E||G^ - G||^2 / sum ||G||^2 over the sites."""
+    denom = sum(r.grad_sq for r in rows)
+    return sum(getattr(r, which) for r in rows) / denom if denom else 0.0
+
+
+def _rewritten_groups(backend):
+    """(group, [sites]) per group key of the backend's training graphs, first graph first."""
+    seen, out = set(), []
+    for record in backend.graphs:
+        sites = {s.node: s for s in record.sites}
+        for group in record.groups:
+            if group.key in seen:
+                continue
+            seen.add(group.key)
+            out.append((group, [sites[name] for name in group.sites]))
+    return out
+
+
+def measure(backend, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], *,
+            fit: str = "state", draws: int = 32, seed: int = 0) -> list[SiteVariance]:
+    """The relative variance of every site ``backend`` rewrote, on the batch ``loss_fn`` runs.
+
+    ``backend`` must have compiled ``model`` and run at least one training call (it knows the
+    sites, groups and bases). ``loss_fn()`` runs the *uncompiled* ``model`` on the batch to
+    measure and returns the loss: its exact gradient is the reference. The model's ``.grad``
+    fields are left as they were. Sites whose weight also serves another site (a tied or reused
+    weight) are left out: their ``.grad`` is not the site's own gradient.
+    """
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    groups = _rewritten_groups(backend)
+    if not groups:
+        raise ValueError("the backend has rewritten no site yet: compile the model with it and "
+                         "run a training step first")
+    weights = [s.weight for _, sites in groups for s in sites]
+    shared = {w for w in weights if weights.count(w) > 1}
+    params = dict(model.named_parameters())
+
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    if fit == "batch":
+        modules = dict(model.named_modules())
+        for group, sites in groups:
+            module = modules.get(sites[0].module)
+            if module is None:
+                raise ValueError(f"no module {sites[0].module!r} in the model to read the input of "
+                                 f"group {group.key!r} from")
+
+            def keep(mod, args, key=group.key):
+                inputs.setdefault(key, args[0].detach())
+
+            handles.append(module.register_forward_pre_hook(keep))
+    saved = {name: p.grad for name, p in params.items()}
+    try:
+        for p in params.values():
+            p.grad = None
+        loss_fn().backward()
+        grads = {name: None if p.grad is None else p.grad.detach().clone()
+                 for name, p in params.items()}
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in params.items():
+            p.grad = saved[name]
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for group, sites in groups:
+        if fit == "batch":
+            q1 = principal_basis(inputs[group.key], group.r1)
+        else:
+            state = backend.store.groups.get(group.key)
+            q1 = None if state is None or state.q1 is None else state.q1
+        for site in sites:
+            grad = grads.get(site.weight)
+            if site.weight in shared or grad is None or site.r2 == 0:
+                continue  # r2 = 0 (split=1.0): no random part, a biased estimate with no variance
+            g = grad if site.kind == "linear" else grad.t()  # (m, n)
+            rows.append(SiteVariance(
+                group=group.key, module=site.module, n=site.n, r1=site.r1, r2=site.r2,
+                grad_sq=g.double().square().sum().item(),
+                sampled=sampled_variance(g, q1, site.r2, draws, generator),
+                identity=identity_variance(g, q1, site.r2)))
+    return rows
+
+
+def table(rows: list[SiteVariance], title: str = "") -> str:
+    from tabulate import tabulate
+
+    body = [{"module": r.module, "group": r.group, "n": r.n, "r1": r.r1, "r2": r.r2,
+             "k": round(r.k, 2), "outside Q1": round(r.energy_outside, 3),
+             "rel. var (sampled)": round(r.relative, 3),
+             "rel. var (identity)": round(r.relative_identity, 3)} for r in rows]
+    head = (f"{title}total relative variance {total(rows):.3f} sampled, "
+            f"{total(rows, 'identity'):.3f} by the identity, over {len(rows)} sites")
+    return head + ("\n" + tabulate(body, headers="keys") if body else "")
