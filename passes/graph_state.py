@@ -26,6 +26,9 @@ class SitePolicy(Protocol):
     def is_head(self, module_path: str) -> bool:
         """Whether the module at ``module_path`` is an output head that stays exact."""
 
+    subspace_iters: int  # > 0: principal bases follow each call's input (``passes.rewrite``)
+    complement_scale: float | None  # k on the random part; None: (n - r1) / r2
+
 
 @dataclasses.dataclass
 class Site:
@@ -64,6 +67,8 @@ class Group:
     sites: list[str]
     basis_placeholder: str = ""
     compressed_node: str = ""
+    omega_placeholder: str = ""  # a following group's random draw input ("" when not following)
+    followed_node: str = ""  # the node computing a following group's basis in the graph
 
     @property
     def rank(self) -> int:
@@ -86,6 +91,7 @@ class GraphState:
     groups: list[Group] = dataclasses.field(default_factory=list)
     results: list[PassResult] = dataclasses.field(default_factory=list)
     stats_placeholder: str = ""  # the ``prac_stats`` input the rewrite adds after the bases
+    followed: int = 0  # extra outputs: the bases of following groups, after the graph's own
 
     def node(self, name: str) -> torch.fx.Node:
         for n in self.gm.graph.nodes:

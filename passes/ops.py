@@ -53,6 +53,34 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         return torch.mm(x2d.t(), x2d)
 
 
+def follow_basis(x: torch.Tensor, basis_prev: torch.Tensor, omega: torch.Tensor, r1: int,
+                 iters: int, scale: float) -> torch.Tensor:
+    """A basis ``P = [Q1, scale * Q2]`` (n, r) float32 whose principal part follows ``x``.
+
+    Q1 (n, r1): ``iters`` subspace iterations ``Q1 <- orth(x^T (x Q1))`` on this call's input,
+    warm-started from the previous basis's first ``r1`` columns, so Q1 tracks the principal
+    subspace of the very batch it compresses at the cost of ``2 iters`` thin products.
+    Q2 (n, r2): the held Gaussian draw ``omega`` (n, r2) projected onto the complement of the new
+    Q1 (twice, against rounding) and orthonormalised. ``omega`` is drawn outside the graph,
+    independently of the data, so given Q1 the complement is Haar-distributed and
+    ``E[P P^T] = I`` with ``scale = sqrt((n - r1) / r2)``: the weight gradient stays unbiased
+    whatever Q1 depends on (PRAC, arXiv 2602.23111). Float32 even under autocast."""
+    n = basis_prev.shape[0]
+    x2d = x.detach().reshape(-1, n)
+    with torch.autocast(device_type=x2d.device.type, enabled=False):
+        x2d = x2d.float()
+        q1 = basis_prev.detach()[:, :r1].float()
+        for _ in range(iters):
+            q1, _ = torch.linalg.qr(torch.mm(x2d.t(), torch.mm(x2d, q1)))  # (n, r1)
+        w = omega.detach().float()
+        if w.shape[1] == 0:
+            return q1.contiguous()
+        for _ in range(2):
+            w = w - torch.mm(q1, torch.mm(q1.t(), w))
+        q2, _ = torch.linalg.qr(w)  # (n, r2)
+        return torch.cat([q1, q2 * scale], dim=1).contiguous()
+
+
 class CompressedLinear(torch.autograd.Function):
     """Exact forward, exact input gradient, factored low-rank weight gradient."""
 

@@ -1,32 +1,40 @@
 """rewrite_sites: replace every grouped site by the compressed op and add the basis inputs.
 
-For each group, in order:
-- a placeholder ``prac_basis_<i>`` of shape ``(n, r1 + r2)``, float32, is appended after the
-  graph's inputs (the runner passes the basis tensors as extra arguments, so a refreshed basis
-  never recompiles and Dynamo never guards on it). Its fake value has static shapes: a basis
-  with a dynamic dimension would make every size symbolic;
-- one node ``x_compressed = compress(x, basis)`` (shape ``(N, r)``) is inserted before the
-  group's first site;
-- each site becomes ``CompressedLinear.apply(x, weight, bias, x_compressed, basis, kind, r1,
-  stats[i])``, which returns exactly what the site returned;
-- after the bases, one placeholder ``prac_stats`` of shape ``(sites, 2)``, float32, requiring
-  grad: the runner passes a fresh leaf per call, and the backward writes each rewritten site's
-  squared norms ``[||A1||^2, ||A2||^2]`` into its gradient (the running variance estimate, see
+Inputs appended after the graph's own, in this order (the runner passes them as extra
+arguments, so a refreshed basis never recompiles and Dynamo never guards on it; their fake
+values have static shapes, since a basis with a dynamic dimension would make every size
+symbolic):
+- per group, ``prac_basis_<i>`` of shape ``(n, r1 + r2)``, float32;
+- per *following* group (``policy.subspace_iters > 0`` and ``r1 > 0``), ``prac_omega_<i>`` of
+  shape ``(n, r2)``, float32: the Gaussian draw its random part is built from;
+- one ``prac_stats`` of shape ``(sites, 2)``, float32, requiring grad: the runner passes a fresh
+  leaf per call, and the backward writes each rewritten site's squared norms
+  ``[||A1||^2, ||A2||^2]`` into its gradient (the running variance estimate, see
   ``passes.ops``). Row ``i`` belongs to the ``i``-th rewritten site in graph order
   (``Site.stat_index``).
 
+Per group, before its first site:
+- a following group computes its basis in the graph, ``basis = follow_basis(x, prac_basis_<i>,
+  prac_omega_<i>, r1, iters, sqrt(k))``, and the graph returns it as an extra output after its
+  own (the runner keeps it as the next call's warm start and strips it); other groups use
+  ``prac_basis_<i>`` as it is;
+- ``x_compressed = compress(x, basis)`` (shape ``(N, r)``).
+Each site becomes ``CompressedLinear.apply(x, weight, bias, x_compressed, basis, kind, r1,
+stats[i])``, which returns exactly what the site returned.
+
 Guarantees: forward values unchanged; every new node carries ``meta["example_value"]``; the
-original graph inputs keep their positions.
+original graph inputs keep their positions and the original outputs come first.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 import torch.fx
 
 from passes.graph_state import GraphState, PassResult, SitePolicy
-from passes.ops import CompressedLinear, compress
+from passes.ops import CompressedLinear, compress, follow_basis
 from passes.sites import match
 
 
@@ -45,6 +53,17 @@ def _example(node: torch.fx.Node):
     return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else node
 
 
+def follows(group, policy) -> bool:
+    """Whether ``group``'s principal basis follows each call's input (``follow_basis``)."""
+    return int(getattr(policy, "subspace_iters", 0) or 0) > 0 and group.r1 > 0
+
+
+def _scale(group, policy) -> float:
+    k = getattr(policy, "complement_scale", None)
+    k = (group.n - group.r1) / group.r2 if k is None and group.r2 else (k or 1.0)
+    return math.sqrt(k)
+
+
 def run(state: GraphState, policy: SitePolicy) -> PassResult:
     result = PassResult("rewrite_sites")
     graph = state.gm.graph
@@ -52,54 +71,76 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         return result
     nodes = {n.name: n for n in graph.nodes}
     fake_mode = _fake_mode(state.gm)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    weight_device = None
-    last = placeholders[-1]
-    group_nodes = []
     sites = {s.node: s for s in state.sites}
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+    def placeholder(name, shape, device, requires_grad=False):
+        nonlocal last
+        with graph.inserting_after(last):
+            node = graph.placeholder(name)
+        node._dynamo_source = None
+        last = node
+        if fake_mode is not None:
+            node.meta["example_value"] = fake_mode.from_tensor(
+                torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=requires_grad),
+                static_shapes=True)
+        result.nodes_created += 1
+        return node
+
+    devices = []
+    for group in state.groups:
+        x_val = _example(nodes[group.input_node])
+        devices.append(x_val.device if isinstance(x_val, torch.Tensor) else None)
+    bases = []
+    for index, (group, device) in enumerate(zip(state.groups, devices)):
+        bases.append(placeholder(f"prac_basis_{index}", (group.n, group.rank), device))
+        group.basis_placeholder = bases[-1].name
+    omegas = {}
+    for index, (group, device) in enumerate(zip(state.groups, devices)):
+        if follows(group, policy):
+            omegas[index] = placeholder(f"prac_omega_{index}", (group.n, group.r2), device)
+            group.omega_placeholder = omegas[index].name
     n_sites = sum(len(g.sites) for g in state.groups)
-    first_x = _example(nodes[state.groups[0].input_node])
-    stats_device = first_x.device if isinstance(first_x, torch.Tensor) else None
+    stats = placeholder("prac_stats", (n_sites, 2), devices[0], requires_grad=True)
+    state.stats_placeholder = stats.name
+    stats_val = stats.meta.get("example_value")
+
+    followed = []  # the in-graph bases the graph returns, in group order
+    stat_index = 0
+    iters = int(getattr(policy, "subspace_iters", 0) or 0)
     for index, group in enumerate(state.groups):
-        x = nodes[group.input_node]
+        x = nodes[group.input_node]  # the rewritten node where a site reads another's output
         first = nodes[group.sites[0]]
         x_val = _example(x)
-        device = x_val.device if isinstance(x_val, torch.Tensor) else weight_device
-        with graph.inserting_after(last):
-            basis = graph.placeholder(f"prac_basis_{index}")
-        basis._dynamo_source = None
-        last = basis
-        if fake_mode is not None:
-            # Static shapes: a basis with a symbolic size would make every size symbolic.
-            basis.meta["example_value"] = fake_mode.from_tensor(
-                torch.empty((group.n, group.rank), dtype=torch.float32, device=device),
-                static_shapes=True,
-            )
-        group.basis_placeholder = basis.name
+        x_mode = getattr(x_val, "fake_mode", None)
+        basis = bases[index]
+        basis_val = basis.meta.get("example_value")
+        if index in omegas:
+            args = (x, basis, omegas[index], group.r1, iters, _scale(group, policy))
+            with graph.inserting_before(first):
+                basis = graph.call_function(follow_basis, args)
+            basis.meta["stack_trace"] = first.meta.get("stack_trace")
+            if x_mode is not None:
+                with x_mode:
+                    basis.meta["example_value"] = basis_val = follow_basis(
+                        x_val, torch.empty((group.n, group.rank), device=devices[index]),
+                        torch.empty((group.n, group.r2), device=devices[index]),
+                        group.r1, iters, _scale(group, policy))
+            group.followed_node = basis.name
+            followed.append(basis)
         with graph.inserting_before(first):
             x_compressed = graph.call_function(compress, (x, basis))
         x_compressed.meta["stack_trace"] = first.meta.get("stack_trace")
-        x_mode = getattr(x_val, "fake_mode", None)
+        # AOTAutograd copies "custom" meta to the aten nodes it traces from this one, so the
+        # report finds the group's x @ P in the partitioned graphs by this tag.
+        x_compressed.meta["custom"] = {"prac": "compress", "group": index}
         if x_mode is not None:
             with x_mode:  # in the mode of the graph's own example values
                 x_compressed.meta["example_value"] = compress(
-                    x_val, torch.empty((group.n, group.rank), dtype=torch.float32, device=device)
-                )
+                    x_val, torch.empty((group.n, group.rank), dtype=torch.float32,
+                                       device=devices[index]))
         group.compressed_node = x_compressed.name
-        result.nodes_created += 2
-        group_nodes.append((group, x_compressed, basis))
-    with graph.inserting_after(last):
-        stats = graph.placeholder("prac_stats")
-    stats._dynamo_source = None
-    state.stats_placeholder = stats.name
-    result.nodes_created += 1
-    if fake_mode is not None:
-        stats.meta["example_value"] = fake_mode.from_tensor(
-            torch.zeros((n_sites, 2), dtype=torch.float32, device=stats_device, requires_grad=True),
-            static_shapes=True)
-    stat_index = 0
-    for group, x_compressed, basis in group_nodes:
-        x = nodes[group.input_node]  # the rewritten node where a site reads another's output
+        result.nodes_created += 1
         for name in group.sites:
             site_node = nodes[name]
             kind, x_arg, weight, bias = match(site_node)
@@ -109,21 +150,27 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
                 new = graph.call_function(
                     CompressedLinear.apply, (x, weight, bias, x_compressed, basis, kind, group.r1, row)
                 )
-            stats_val = stats.meta.get("example_value")
+            row.meta["stack_trace"] = site_node.meta.get("stack_trace")
             if stats_val is not None:
                 with stats_val.fake_mode:
                     row.meta["example_value"] = stats_val[stat_index]
-            sites[name].stat_index = stat_index
-            stat_index += 1
-            result.nodes_created += 1
             new.meta.update({k: v for k, v in site_node.meta.items()})
             site_node.replace_all_uses_with(new)
             graph.erase_node(site_node)
             nodes[name] = new  # a later group may read this site's output (linear -> linear)
             sites[name].status = "rewritten"
-            result.nodes_created += 1
+            sites[name].stat_index = stat_index
+            stat_index += 1
+            result.nodes_created += 2
             result.nodes_erased += 1
             result.sites_matched += 1
+    if followed:
+        output = next(n for n in graph.nodes if n.op == "output")
+        outs = output.args[0]
+        if not isinstance(outs, (tuple, list)):
+            raise ValueError("a graph whose output is not a tuple cannot return its followed bases")
+        output.args = (type(outs)([*outs, *followed]),)
+    state.followed = len(followed)
     graph.lint()
     state.gm.recompile()
     return result

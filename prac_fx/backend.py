@@ -173,10 +173,14 @@ class PracBackend:
         # The bases' example values are the static fake tensors the rewrite gave their
         # placeholders: a real tensor here would be fakeified with symbolic sizes.
         work_nodes = {n.name: n for n in work.graph.nodes}
-        examples = [work_nodes[g.basis_placeholder].meta.get("example_value") for g in state.groups]
-        examples.append(work_nodes[state.stats_placeholder].meta.get("example_value"))
+        extra = [g.basis_placeholder for g in state.groups]
+        extra += [g.omega_placeholder for g in state.groups if g.omega_placeholder]
+        extra.append(state.stats_placeholder)
+        examples = [work_nodes[name].meta.get("example_value") for name in extra]
         if any(e is None for e in examples):
             examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
+            examples += [torch.zeros(g.n, g.r2, device=d) for g, d in zip(state.groups, devices)
+                         if g.omega_placeholder]
             examples.append(torch.zeros(sum(len(g.sites) for g in state.groups), 2,
                                         device=devices[0], requires_grad=True))
         try:
@@ -232,7 +236,7 @@ class PracBackend:
             from torch._dynamo.backends.debugging import boxed_nop
 
             def keep(g, ex, is_backward=False):
-                record.capture(g, is_backward, n_bases=len(record.groups), n_trailing=1)
+                record.capture(g, is_backward)
                 return boxed_nop(g, ex)
 
             fw = lambda g, ex: keep(g, ex, False)  # noqa: E731
@@ -242,8 +246,7 @@ class PracBackend:
         from torch._inductor.compile_fx import compile_fx_inner
 
         def inner(g, ex, *args, **kwargs):
-            record.capture(g, kwargs.get("is_backward", False), n_bases=len(record.groups),
-                           n_trailing=1)
+            record.capture(g, kwargs.get("is_backward", False))
             return compile_fx_inner(g, ex, *args, **kwargs)
 
         return _inductor(gm, example_inputs, inner, patches)

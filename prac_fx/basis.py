@@ -40,9 +40,10 @@ class GroupBasis:
     calls: int = 0
     refreshes: int = 0
     resamples: int = 0
-    # per site of the group: moving averages of ||A1||^2 and ||A2||^2 (``observe``)
-    a1_sq: dict[int, float] = dataclasses.field(default_factory=dict)
-    a2_sq: dict[int, float] = dataclasses.field(default_factory=dict)
+    omega: torch.Tensor | None = None  # (n, r2) float32 on ``device``: a following group's draw
+    q1_in_basis: bool = False  # Q1 is the first r1 columns of ``basis`` (set by ``follow``)
+    # (sites, 2) float32 on ``device``: moving averages of each site's [||A1||^2, ||A2||^2]
+    stats: torch.Tensor | None = None
 
 
 STATE_VERSION = 2  # 2: keys name modules as the model does, whatever Dynamo called its root
@@ -117,6 +118,8 @@ class BasisStore:
             group.device = device
             if group.basis is not None:
                 group.basis = group.basis.to(device).contiguous()
+            if group.omega is not None:
+                group.omega = group.omega.to(device).contiguous()
         return group
 
     def _ensure_seeded(self) -> None:
@@ -160,8 +163,25 @@ class BasisStore:
             g.refreshes += 1
         self.resample(key)
 
+    def follows(self, key: str) -> bool:
+        """Whether the group's principal basis follows each call's input in the graph."""
+        return self.config.subspace_iters > 0 and self.groups[key].r1 > 0
+
+    def follow(self, key: str, basis: torch.Tensor) -> None:
+        """Keep the basis a following group's graph built for this call: the next call's warm
+        start. Rebinds (the tensor the graph returned is new), never copies in place."""
+        g = self.groups[key]
+        g.basis = basis.detach()
+        g.q1_in_basis = True
+
+    def _sync_q1(self, g: GroupBasis) -> None:
+        if g.q1_in_basis and g.basis is not None:
+            g.q1 = g.basis[:, :g.r1].detach().to("cpu", torch.float32).contiguous()
+            g.q1_in_basis = False
+
     def resample(self, key: str) -> None:
         g = self.groups[key]
+        self._sync_q1(g)
         parts = [] if g.q1 is None else [g.q1]
         if g.r2 > 0:
             q1 = None if g.q1 is None else g.q1.double()
@@ -169,6 +189,8 @@ class BasisStore:
             for _ in range(2):  # project twice: one pass leaves O(eps * cond) leakage into Q1
                 if q1 is not None:
                     draw = draw - q1 @ (q1.t() @ draw)
+            if self.follows(key):  # the graph projects it against each call's own Q1
+                g.omega = draw.float().to(g.device).contiguous()
             q2 = self._orthonormal(draw)
             scale = self.config.complement_scale
             k = (g.n - g.r1) / g.r2 if scale is None else float(scale)
@@ -187,14 +209,17 @@ class BasisStore:
     # -- the running variance estimate -------------------------------------------------------
     STATS_DECAY = 0.9  # moving average over about ten training calls
 
-    def observe(self, key: str, site: int, a1_sq: float, a2_sq: float) -> None:
-        """One backward's squared norms ``||A1||^2, ||A2||^2`` of a site (``passes.ops``)."""
+    def observe(self, key: str, rows: torch.Tensor) -> None:
+        """One backward's squared norms ``[||A1||^2, ||A2||^2]`` (sites, 2) of a group's sites
+        (``passes.ops``), folded into the moving averages on the device: no host sync."""
         g = self.groups.get(key)
-        if g is None or not (math.isfinite(a1_sq) and math.isfinite(a2_sq)):
+        if g is None:
             return
-        d = self.STATS_DECAY
-        g.a1_sq[site] = a1_sq if site not in g.a1_sq else d * g.a1_sq[site] + (1 - d) * a1_sq
-        g.a2_sq[site] = a2_sq if site not in g.a2_sq else d * g.a2_sq[site] + (1 - d) * a2_sq
+        rows = torch.nan_to_num(rows.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+        if g.stats is None or g.stats.shape != rows.shape:
+            g.stats = rows.clone()
+        else:
+            g.stats.mul_(self.STATS_DECAY).add_(rows, alpha=1.0 - self.STATS_DECAY)
 
     def running_variance(self, key: str, site: int) -> float | None:
         """The site's relative weight-gradient variance ``E||G^ - G||^2 / ||G||^2`` as the
@@ -202,11 +227,12 @@ class BasisStore:
         (``prac_fx.variance``); None before its first backward, or with a ``complement_scale``
         other than the unbiased one (the identity does not hold there)."""
         g = self.groups.get(key)
-        if g is None or site not in g.a1_sq or g.r2 == 0 or self.config.complement_scale is not None:
+        if g is None or g.stats is None or site >= g.stats.shape[0] or g.r2 == 0 \
+                or self.config.complement_scale is not None:
             return None
-        total = g.a1_sq[site] + g.a2_sq[site]
+        a1_sq, a2_sq = g.stats[site].tolist()
         k = (g.n - g.r1) / g.r2
-        return (k - 1.0) * g.a2_sq[site] / total if total > 0 else 0.0
+        return (k - 1.0) * a2_sq / (a1_sq + a2_sq) if a1_sq + a2_sq > 0 else 0.0
 
     def basis(self, key: str) -> torch.Tensor:
         return self.groups[key].basis
@@ -235,6 +261,8 @@ class BasisStore:
 
     def state_dict(self) -> dict:
         self._ensure_seeded()
+        for g in self.groups.values():
+            self._sync_q1(g)
         return {
             "version": STATE_VERSION,
             "generator": self.generator.get_state(),
@@ -245,6 +273,7 @@ class BasisStore:
                     "refreshes": g.refreshes, "resamples": g.resamples,
                     "q1": g.q1, "q2": g.q2,
                     "basis": None if g.basis is None else g.basis.cpu(),
+                    "omega": None if g.omega is None else g.omega.cpu(),
                 }
                 for key, g in self.groups.items()
             },
@@ -276,3 +305,5 @@ class BasisStore:
             g.calls, g.refreshes, g.resamples = s["calls"], s["refreshes"], s["resamples"]
             g.q1, g.q2 = s["q1"], s["q2"]
             g.basis = None if s["basis"] is None else s["basis"].to(device).contiguous()
+            omega = s.get("omega")
+            g.omega = None if omega is None else omega.to(device).contiguous()

@@ -17,7 +17,7 @@ ENV_PREFIX = "PRAC_FX_"
 # PracConfig fields settable from the environment (site_filter, a callable, is not; its
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
 _ENV_FIELDS = ("rank", "split", "refresh_every", "resample_every", "seed", "complement_scale",
-               "exact_heads")
+               "exact_heads", "subspace_iters")
 
 
 def _env_number(name: str, text: str):
@@ -72,6 +72,13 @@ class PracConfig:
             weights, the input embedding; on tiny GPT-2 at rank n/4 (T2 = 50) compressing it
             took the perplexity gap to Inductor from 8.2% to 11.7% (README, "Convergence").
             ``()`` compresses heads too.
+        subspace_iters: principal bases that follow each call's input. With ``s > 0`` every
+            training call refines Q1 inside the compiled graph by ``s`` subspace iterations
+            ``Q1 <- orth(x^T (x Q1))`` on the activation it compresses, warm-started from the
+            previous call's Q1, and rebuilds the random part against it from a Gaussian draw
+            held for ``resample_every`` calls; the weight gradient stays unbiased (the draw is
+            independent of the data). 0 (the default): Q1 is refitted only every
+            ``refresh_every`` calls.
         complement_scale: the factor k on the random part (P = [Q1, sqrt(k) Q2]). None uses
             the unbiased, minimum-variance k = (n - r1) / r2 (PRAC, arXiv 2602.23111); other
             values exist for ablations and make the weight gradient biased.
@@ -85,6 +92,7 @@ class PracConfig:
     site_filter: Callable[[str], bool] | None = None
     complement_scale: float | None = None
     exact_heads: tuple[str, ...] = HEADS
+    subspace_iters: int = 0
 
     def __post_init__(self):
         rank, split = self.rank, self.split
@@ -129,6 +137,10 @@ class PracConfig:
             raise ValueError(f"exact_heads must be a tuple of module names without dots (the last "
                              f"component of a module path), got {heads!r}")
         object.__setattr__(self, "exact_heads", tuple(heads))
+        if not isinstance(self.subspace_iters, numbers.Integral) or isinstance(self.subspace_iters, bool) \
+                or not 0 <= self.subspace_iters <= 8:
+            raise ValueError(f"subspace_iters must be an int in [0, 8] (subspace iterations per "
+                             f"training call), got {self.subspace_iters!r}")
         if self.complement_scale is not None and (
             not _is_number(self.complement_scale) or self.complement_scale <= 0
         ):
@@ -142,6 +154,7 @@ class PracConfig:
         ``PRAC_FX_RANK``, ``PRAC_FX_SPLIT`` (an int or a float, as in Python),
         ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
+        ``PRAC_FX_SUBSPACE_ITERS``,
         ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
         ``PRAC_FX_EXCLUDE`` (comma-separated substrings of module paths left exact). Unset ones
         keep their defaults. Values are checked like ``PracConfig(...)`` arguments; an unknown

@@ -35,34 +35,27 @@ def _with_views(nodes: list[torch.fx.Node]) -> set[str]:
     return names
 
 
-def _compress_nodes(graph: torch.fx.Graph, basis_names: list[str]) -> dict[str, list[torch.fx.Node]]:
-    """Nodes ``mm(x2d, P)`` (P possibly cast) per basis placeholder name."""
-    found: dict[str, list[torch.fx.Node]] = {b: [] for b in basis_names}
+def _compress_nodes(graph: torch.fx.Graph, n_groups: int) -> dict[int, list[torch.fx.Node]]:
+    """Per group index, the ``mm(x2d, P)`` nodes of its compressed copy. The rewrite tags the
+    nodes it inserts (``node.meta["custom"]["prac"]``, see ``passes.rewrite``), and AOTAutograd
+    carries that tag to every aten node it traces from them, in the forward and, where the
+    partitioner recomputes them, in the backward."""
+    found: dict[int, list[torch.fx.Node]] = {i: [] for i in range(n_groups)}
     for node in graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] != "mm":
-            continue
-        rhs = node.args[1]
-        while isinstance(rhs, torch.fx.Node) and rhs.op == "call_function" and \
-                str(getattr(rhs.target, "__name__", "")).split(".")[0] in _CASTS:
-            rhs = rhs.args[0]
-        if isinstance(rhs, torch.fx.Node) and rhs.name in found:
-            found[rhs.name].append(node)
+        tag = (node.meta.get("custom") or {}) if node.op == "call_function" else {}
+        if tag.get("prac") == "compress" and _op_name(node) == "mm" and tag.get("group") in found:
+            found[tag["group"]].append(node)
     return found
 
 
-def placement(forward: torch.fx.Graph, n_bases: int, n_trailing: int = 0
-              ) -> tuple[list[str], list[str], list[str]]:
-    """(basis placeholder names, per-basis status from the forward, saved output names). The
-    bases are the ``n_bases`` placeholders before the last ``n_trailing`` (the stats input)."""
-    placeholders = [n for n in forward.nodes if n.op == "placeholder"]
-    end = len(placeholders) - n_trailing
-    bases = [n.name for n in placeholders[end - n_bases:end]] if n_bases else []
+def placement(forward: torch.fx.Graph, n_groups: int) -> tuple[list[str], list[str]]:
+    """(per-group status from the forward, saved output names)."""
     output = next(n for n in forward.nodes if n.op == "output")
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
     out_names = {o.name for o in outs if isinstance(o, torch.fx.Node)}
-    found = _compress_nodes(forward, bases)
-    status = ["saved" if _with_views(found[b]) & out_names else "not saved" for b in bases]
-    return bases, status, sorted(out_names)
+    found = _compress_nodes(forward, n_groups)
+    status = ["saved" if _with_views(found[i]) & out_names else "not saved" for i in range(n_groups)]
+    return status, sorted(out_names)
 
 
 def _saved_inputs(backward: torch.fx.Graph, forward_ops: dict[str, str]) -> list[dict]:
@@ -104,7 +97,6 @@ class GraphRecord:
     backward_code: str = ""
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # group key -> status
     saved: list[dict] = dataclasses.field(default_factory=list)  # what the forward keeps for backward
-    _basis_names: list[str] = dataclasses.field(default_factory=list)
     _forward_ops: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
@@ -115,24 +107,21 @@ class GraphRecord:
     def rewritten(self) -> int:
         return sum(1 for s in self.sites if s.status == "rewritten")
 
-    def capture(self, gm: torch.fx.GraphModule, is_backward: bool, n_bases: int,
-                n_trailing: int = 0) -> None:
+    def capture(self, gm: torch.fx.GraphModule, is_backward: bool) -> None:
         code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
         if not is_backward:
             self.forward_code = code
             self._forward_ops = {n.name: "input" if n.op == "placeholder" else _op_name(n)
                                  for n in gm.graph.nodes}
-            names, status, _ = placement(gm.graph, n_bases if self.groups else 0,
-                                         n_trailing if self.groups else 0)
-            self._basis_names = names
+            status, _ = placement(gm.graph, len(self.groups))
             for group, st in zip(self.groups, status):
                 self.placement[group.key] = st
         else:
             self.backward_code = code
             self.saved = _saved_inputs(gm.graph, self._forward_ops)
-            found = _compress_nodes(gm.graph, self._basis_names)
-            for group, name in zip(self.groups, self._basis_names):
-                if self.placement.get(group.key) == "not saved" and found.get(name):
+            found = _compress_nodes(gm.graph, len(self.groups))
+            for index, group in enumerate(self.groups):
+                if self.placement.get(group.key) == "not saved" and found[index]:
                     self.placement[group.key] = "recomputed in backward"
 
 

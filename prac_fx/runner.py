@@ -56,8 +56,8 @@ class PracRunner:
         # per group: the name its weights claim a key under (the key before ``BasisStore.claim``)
         self.names = list(names) if names is not None else list(self.keys)
         self._bound: dict[tuple, tuple[list, list[str]]] = {}  # weight ids -> (weakrefs, keys)
-        # per rewritten site, in the order of the graph's stats rows: (group index, index in group)
-        self.stat_rows = [(gi, si) for gi, g in enumerate(self.groups) for si in range(len(g.sites))]
+        self.n_sites = sum(len(g.sites) for g in self.groups)  # rows of the stats input
+        self.followed = sum(1 for g in self.groups if g.omega_placeholder)  # extra outputs
         self._pending: list[tuple[torch.Tensor, list[str]]] = []  # (stats leaf, keys) per call
 
     def _keys(self, args: tuple) -> list[str]:
@@ -80,6 +80,15 @@ class PracRunner:
         return keys
 
     def _refresh(self, args: tuple, keys: list[str], due_keys: list[str]) -> None:
+        # A following group refits Q1 in its own graph every call: at a refresh it only redraws
+        # its random part, and the probe runs only for its very first basis.
+        following = [k for k in due_keys if self.store.follows(k) and self.store.basis(k) is not None]
+        for key in following:
+            self.store.groups[key].refreshes += 1
+            self.store.resample(key)
+        due_keys = [k for k in due_keys if k not in following]
+        if not due_keys:
+            return
         if self.probe is None:  # no activation to fit to: keep (or draw) Q1, redraw Q2
             for key in due_keys:
                 self.store.refresh(key, None)
@@ -93,7 +102,7 @@ class PracRunner:
         log.debug("refreshed %d bases", len(due))
 
     def _stats(self, device, requires_grad: bool) -> torch.Tensor:
-        return torch.zeros(len(self.stat_rows), 2, dtype=torch.float32, device=device,
+        return torch.zeros(self.n_sites, 2, dtype=torch.float32, device=device,
                            requires_grad=requires_grad)
 
     def collect(self) -> None:
@@ -103,9 +112,10 @@ class PracRunner:
             if leaf.grad is None:  # its backward has not run (yet, or never: a forward only)
                 still.append((leaf, keys))
                 continue
-            values = leaf.grad.detach().to("cpu", torch.float64).tolist()
-            for (gi, si), (a1_sq, a2_sq) in zip(self.stat_rows, values):
-                self.store.observe(keys[gi], si, a1_sq, a2_sq)
+            start = 0
+            for group, key in zip(self.groups, keys):
+                self.store.observe(key, leaf.grad[start:start + len(group.sites)])
+                start += len(group.sites)
         self._pending = still[-8:]  # forwards without a backward are dropped after a while
 
     def _shape_only(self, args: tuple):
@@ -118,8 +128,22 @@ class PracRunner:
                 device = self.store.groups[key].device
                 basis = torch.zeros(group.n, group.rank, dtype=torch.float32, device=device)
             bases.append(basis)
+        omegas = []
+        for group, key in zip(self.groups, self.keys):
+            if group.omega_placeholder:
+                omega = self.store.groups[key].omega
+                if omega is None:
+                    omega = torch.zeros(group.n, group.r2, dtype=torch.float32,
+                                        device=self.store.groups[key].device)
+                omegas.append(omega)
         stats = self._stats(bases[0].device if bases else None, True)
-        return call_compiled(self.compiled, [*args, *bases, stats])
+        return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, stats]))[0]
+
+    def _split(self, out):
+        """The graph's own outputs, and the bases its following groups built (``follow_basis``)."""
+        if not self.followed:
+            return out, []
+        return type(out)(out[:-self.followed]), list(out[-self.followed:])
 
     def __call__(self, *args):
         if any(isinstance(a, FakeTensor) for a in args):
@@ -140,9 +164,19 @@ class PracRunner:
                 if store.basis(key) is None:
                     store.refresh(key, None)
         bases = [store.basis(k) for k in keys]
+        omegas = []
+        for group, key in zip(self.groups, keys):
+            if group.omega_placeholder:
+                if store.groups[key].omega is None:  # loaded from a run that did not follow
+                    store.resample(key)
+                    bases[self.groups.index(group)] = store.basis(key)
+                omegas.append(store.groups[key].omega)
         stats = self._stats(bases[0].device, training)
-        out = call_compiled(self.compiled, [*args, *bases, stats])
+        out, followed = self._split(call_compiled(self.compiled, [*args, *bases, *omegas, stats]))
         if training:
+            followers = [k for g, k in zip(self.groups, keys) if g.omega_placeholder]
+            for key, basis in zip(followers, followed):
+                store.follow(key, basis)
             self._pending.append((stats, keys))
             for key in keys:
                 store.advance(key)

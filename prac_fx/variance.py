@@ -21,7 +21,8 @@ Three ways to get it, each a function here:
 
 ``measure(backend, model, loss_fn)`` applies the first two to every site a backend rewrote, on one
 batch: with Q1 as the backend's state holds it (``fit="state"``: fitted to whichever batch the
-last refresh saw, the condition training runs in) or refitted to this very batch
+last refresh saw, the condition training runs in; with ``subspace_iters`` the Q1 the graph would
+build on this batch from the state's) or refitted to this very batch
 (``fit="batch"``: the best a principal basis from activations can do).
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ import math
 from typing import Callable
 
 import torch
+
+from passes.ops import follow_basis
 
 FITS = ("state", "batch")
 
@@ -162,9 +165,13 @@ def measure(backend, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
 
     inputs: dict[str, torch.Tensor] = {}
     handles = []
-    if fit == "batch":
+    following = {group.key for group, _ in groups
+                 if group.key in backend.store.groups and backend.store.follows(group.key)}
+    if fit == "batch" or following:
         modules = dict(model.named_modules())
         for group, sites in groups:
+            if fit == "state" and group.key not in following:
+                continue
             module = modules.get(sites[0].module)
             if module is None:
                 raise ValueError(f"no module {sites[0].module!r} in the model to read the input of "
@@ -192,6 +199,13 @@ def measure(backend, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
     for group, sites in groups:
         if fit == "batch":
             q1 = principal_basis(inputs[group.key], group.r1)
+        elif group.key in following:  # what the graph would build on this batch
+            state = backend.store.groups[group.key]
+            basis = state.basis.detach().cpu().float()
+            omega = torch.zeros(group.n, group.r2) if state.omega is None else state.omega.cpu()
+            p = follow_basis(inputs[group.key].cpu(), basis, omega, group.r1,
+                             backend.config.subspace_iters, 1.0)
+            q1 = p[:, :group.r1].double()
         else:
             state = backend.store.groups.get(group.key)
             q1 = None if state is None or state.q1 is None else state.q1

@@ -313,3 +313,62 @@ def test_graph_mutating_inputs_gets_no_probe(caplog):
     assert any("no activation probe" in r.getMessage() for r in caplog.records)
     assert be.report().sites_rewritten == 3
     assert all(torch.isfinite(be.store.basis(k)).all() for k in be.store.groups)
+
+
+def test_following_basis_keeps_the_gradient_unbiased(mlp_case):
+    """With subspace_iters, Q1 depends on each call's input, the random part is rebuilt against
+    it from a draw independent of the data: the mean still converges at the 1/sqrt(n) rate."""
+    model, x, grad_out, (_, _, ref_g) = mlp_case
+    exact = {k: ref_g[f"{k}.weight"] for k in ("up", "mid", "down")}
+    n = 150
+    good = _mean_grad_errors(model, x, grad_out, exact, (n, 4 * n), subspace_iters=1)
+    ratio = good[n] / good[4 * n]
+    assert 1.5 < ratio < 2.8, good
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_following_basis_at_full_rank_is_exact(compiler, mlp_case):
+    model, x, grad_out, (ref_out, ref_gx, ref_g) = mlp_case
+    torch._dynamo.reset()
+    be = prac_fx.backend(rank=1.0, subspace_iters=2, compiler=compiler)
+    compiled = torch.compile(model, backend=be)
+    for _ in range(2):  # the second call starts from the basis the first one built
+        model.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        out = compiled(xi)
+        out.backward(grad_out)
+    torch.testing.assert_close(out, ref_out)
+    params = dict(model.named_parameters())
+    worst = max(rel_err(params[k].grad, v) for k, v in ref_g.items())
+    assert worst < 1e-4, worst  # P P^T = I up to the rounding of two QRs in float32
+    assert be.report().sites_rewritten == 3
+    assert all(g.omega is not None for g in be.store.groups.values())
+
+
+def test_following_basis_tracks_the_batch():
+    """A principal basis that follows the input holds the new batch's top directions after one
+    call; the default one keeps the subspace of the batch it was fitted to."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+
+    def batch(rotation):
+        z = torch.randn(16, 32, 32, generator=gen) @ torch.diag(torch.logspace(1, -2, 32))
+        return z @ rotation
+
+    rot_a = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
+    rot_b = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
+    layer = torch.nn.Linear(32, 16, bias=False)
+    energy = {}
+    for iters in (0, 2):
+        torch._dynamo.reset()
+        be = prac_fx.backend(rank=8, subspace_iters=iters, compiler="eager")
+        compiled = torch.compile(layer, backend=be)
+        compiled(batch(rot_a)).sum().backward()  # the first call fits Q1 to batch a
+        xb = batch(rot_b)
+        compiled(xb).sum().backward()
+        (key,) = be.store.groups
+        q1 = be.store.groups[key].basis[:, :4].double()
+        xb2 = xb.reshape(-1, 32).double()
+        energy[iters] = ((xb2 @ q1).norm() / xb2.norm()).item()  # share of batch b held by Q1
+        best = torch.linalg.svdvals(xb2)[:4].norm().item() / xb2.norm().item()  # its top 4
+    assert energy[2] > 0.95 * best and energy[0] < 0.6 * best, (energy, best)
