@@ -149,6 +149,11 @@ def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = T
         if done % cfg.eval_every == 0 or done == cfg.steps:
             v = _evaluate(fn, val)
             record["eval"].append({"step": done, "val_loss": v})
+            backend = getattr(fn, "prac_backend", None)
+            if backend is not None:  # which sites are noisy, and when
+                from prac_fx.variance import running
+
+                record.setdefault("variance", []).append({"step": done, **running(backend)})
             if bar is not None:
                 bar.set_postfix(val_loss=f"{v:.3f}", ppl=f"{math.exp(v):.1f}")
             save()

@@ -17,6 +17,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     (a fraction of the graph's own saved bytes, which PRAC has already cut)
 ``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
                     part every b steps (defaults: 500, and only at refreshes)
+``prac-R+S=s``      PRAC whose principal basis follows each batch: s subspace iterations in
+                    the graph per step (``subspace_iters``), the random draw held for T2
 ``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
                     GPT-2 the head is tied to the input embedding)
 ``random-R``        ablation: random part only (r1 = 0, k = n / r)
@@ -113,18 +115,22 @@ def by_name(spec: str) -> Variant:
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
+    follow = {e for e in extras if e.startswith("S=") and e[2:].isdigit()}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
-    unknown = set(extras) - {"allsites"} - timing - set(budgets)
+    unknown = set(extras) - {"allsites"} - timing - follow - set(budgets)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"prac-R[+budget[=B]][+allsites][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
+                         f"prac-R[+budget[=B]][+allsites][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
-        label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing else f" +{e}" for e in extras)
+        label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing | follow else f" +{e}"
+                                                 for e in extras)
         options = {"exact_heads": ()} if "allsites" in extras else {}
         for e in timing:
             options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
+        for e in follow:  # S=s: principal bases follow each batch with s subspace iterations
+            options["subspace_iters"] = int(e[2:])
         if len(budgets) > 1:
             raise ValueError(f"one budget per variant, got {spec!r}")
         value = (BUDGET if budgets[0] == "budget" else float(budgets[0][7:])) if budgets else None

@@ -232,3 +232,23 @@ def table(rows: list[SiteVariance], title: str = "") -> str:
     head = (f"{title}total relative variance {total(rows):.3f} sampled, "
             f"{total(rows, 'identity'):.3f} by the identity, over {len(rows)} sites")
     return head + ("\n" + tabulate(body, headers="keys") if body else "")
+
+
+def running(backend) -> dict[str, float]:
+    """The backend's running estimate per site (``"group/index"``) and in total,
+    ``sum (k - 1) ||A2||^2 / sum (||A1||^2 + ||A2||^2)`` over its sites (``"total"``): the
+    gradient-energy-weighted relative variance. Empty before the first backward."""
+    backend.collect()
+    out, num, den = {}, 0.0, 0.0
+    for key, g in backend.store.groups.items():
+        if g.stats is None or g.r2 == 0 or backend.config.complement_scale is not None:
+            continue
+        k = (g.n - g.r1) / g.r2
+        for index, (a1_sq, a2_sq) in enumerate(g.stats.tolist()):
+            if a1_sq + a2_sq > 0:
+                out[f"{key}/{index}"] = (k - 1.0) * a2_sq / (a1_sq + a2_sq)
+            num += (k - 1.0) * a2_sq
+            den += a1_sq + a2_sq
+    if den > 0:
+        out["total"] = num / den
+    return out
