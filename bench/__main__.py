@@ -4,6 +4,7 @@ memory-saving alternatives.
     python -m bench [--quick]                    memory / speed suite (tiny GPT-2 and Llama)
     python -m bench convergence [--quick]        pre-training on Shakespeare, validation perplexity
     python -m bench finetune                     MiniLM on movie-review sentiment, held-out accuracy
+    python -m bench variance                     weight-gradient variance of each PRAC variant
 
 The suite re-executes itself once with the allocator settings that make peak-memory figures true
 on CPU (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``: large blocks come from mmap
@@ -23,7 +24,7 @@ import sys
 from typing import Callable
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_WAIT_POLICY": "PASSIVE"}
-COMMANDS = ("suite", "convergence", "finetune")
+COMMANDS = ("suite", "convergence", "finetune", "variance")
 
 
 def _reexec_with_env(threads: int) -> None:
@@ -74,6 +75,11 @@ def parse(argv):
                        help="train this many variants at once, each in its own process")
         p.add_argument("--cached-only", action="store_true",
                        help="only print what is cached; train nothing")
+    elif command == "variance":
+        p.add_argument("--models", default="gpt2,llama", help="comma-separated presets")
+        p.add_argument("--variants", default="prac-n/4,prac-n/4+S=1,prac-n/4+S=2")
+        p.add_argument("--steps", type=int, default=100, help="training steps before measuring")
+        p.add_argument("--draws", type=int, default=16, help="draws of the random part per site")
     else:
         p.add_argument("--variants", default="inductor,prac-n/4")
         p.add_argument("--steps", type=int, default=300)
@@ -217,6 +223,22 @@ def finetune(args) -> int:
     return 0
 
 
+def variance(args) -> int:
+    import torch
+
+    from bench import variance as var
+    from bench.harness import machine
+
+    torch.set_num_threads(args.threads)
+    rows = [var.measure_variant(m, v, steps=args.steps, draws=args.draws)
+            for m in _names(args.models) for v in _names(args.variants)]
+    print(f"{machine()}, {args.threads} thread(s), float32; models 4 x 256, batch 8, seq 256, "
+          f"seed 0; {args.draws} draws per site, measured on one held-out Shakespeare batch")
+    print(var.table(rows, markdown=args.markdown))
+    _write(rows, {"machine": machine(), "steps": args.steps, "draws": args.draws}, args)
+    return 0
+
+
 def cli(argv: list[str]) -> int:
     """``prac-fx bench ARGS``: ``python -m bench ARGS`` in a fresh process that starts with the
     measuring environment (allocator and OpenMP settings must be in place before start-up)."""
@@ -228,7 +250,8 @@ def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if argv is None:
         _reexec_with_env(args.threads)
-    return {"suite": suite, "convergence": convergence, "finetune": finetune}[args.command](args)
+    return {"suite": suite, "convergence": convergence, "finetune": finetune,
+            "variance": variance}[args.command](args)
 
 
 if __name__ == "__main__":
