@@ -24,7 +24,7 @@ import time
 import torch
 
 from bench import data
-from prac_fx import models
+from prac_fx.diff import models
 
 
 @dataclasses.dataclass(frozen=True)

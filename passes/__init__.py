@@ -5,7 +5,7 @@ Modules: ``sites`` (find and classify), ``grouping`` (share one basis per input)
 ``probe`` (the graph that measures activations for a basis refresh), ``pipeline`` (the order).
 This package never imports ``prac_fx``.
 """
-from passes.graph_state import GraphState, Group, PassResult, Site, SitePolicy
-from passes.pipeline import PIPELINE, run
+from prac_fx.passes.graph_state import GraphState, Group, PassResult, Site, SitePolicy
+from prac_fx.passes.pipeline import PIPELINE, run
 
 __all__ = ["GraphState", "Group", "PassResult", "Site", "SitePolicy", "PIPELINE", "run"]

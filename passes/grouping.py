@@ -11,7 +11,7 @@ Does not change the graph.
 """
 from __future__ import annotations
 
-from passes.graph_state import GraphState, Group, PassResult, SitePolicy
+from prac_fx.passes.graph_state import GraphState, Group, PassResult, SitePolicy
 
 
 def _key(modules: list[str]) -> str:

@@ -10,8 +10,8 @@ import logging
 
 import torch.fx
 
-from passes import grouping, rewrite, sites
-from passes.graph_state import GraphState, PassFn, SitePolicy
+from prac_fx.passes import grouping, rewrite, sites
+from prac_fx.passes.graph_state import GraphState, PassFn, SitePolicy
 
 log = logging.getLogger("prac_fx.passes")
 

@@ -18,20 +18,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from passes.graph_state import GraphState, PassResult, SitePolicy
-from passes.ops import CompressedLinear, compress
-from passes.sites import match
-
-
-def _fake_mode(gm: torch.fx.GraphModule):
-    """The fake mode AOTAutograd will trace in: the tracing context's, else the inputs'."""
-    from torch._guards import TracingContext, detect_fake_mode
-
-    context = TracingContext.try_get()
-    if context is not None and context.fake_mode is not None:
-        return context.fake_mode
-    vals = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+from prac_fx.passes import torch_seam
+from prac_fx.passes.graph_state import GraphState, PassResult, SitePolicy
+from prac_fx.passes.ops import CompressedLinear, compress
+from prac_fx.passes.sites import match
 
 
 def _example(node: torch.fx.Node):
@@ -44,7 +34,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
     if not state.groups:
         return result
     nodes = {n.name: n for n in graph.nodes}
-    fake_mode = _fake_mode(state.gm)
+    fake_mode = torch_seam.fake_mode(state.gm)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     weight_device = None
     last = placeholders[-1]
@@ -56,7 +46,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         device = x_val.device if isinstance(x_val, torch.Tensor) else weight_device
         with graph.inserting_after(last):
             basis = graph.placeholder(f"prac_basis_{index}")
-        basis._dynamo_source = None
+        torch_seam.set_node_source(basis, None)
         last = basis
         if fake_mode is not None:
             # Static shapes: a basis with a symbolic size would make every size symbolic.

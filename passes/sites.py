@@ -33,32 +33,22 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from passes.graph_state import GraphState, PassResult, Site, SitePolicy
-from passes.paths import module_path, parameter_path
+from prac_fx.passes import torch_seam
+from prac_fx.passes.graph_state import GraphState, PassResult, Site, SitePolicy
+from prac_fx.passes.paths import module_path, parameter_path
 
-_LINEAR = {torch._C._nn.linear, F.linear}
+_LINEAR = torch_seam.LINEAR_FNS
 _ADDMM = {torch.addmm}
 _MATMUL = {torch.matmul, operator.matmul, torch.mm}
 _MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
 
-_ATTENTION = {F.scaled_dot_product_attention}
-for _name in (
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention",
-    "_flash_attention_forward",
-    "_efficient_attention_forward",
-):
-    _op = getattr(torch.ops.aten, _name, None)
-    if _op is not None:
-        _ATTENTION.add(_op)
-        _ATTENTION.add(_op.default)
+_ATTENTION = torch_seam.attention_ops()
 
 _NONLINEAR = {
     F.gelu, F.silu, F.relu, F.tanh, F.sigmoid, F.softmax, F.layer_norm, F.rms_norm, F.mish,
-    torch._C._nn.gelu, torch._C._nn.silu, torch.tanh, torch.sigmoid, torch.relu, torch.softmax,
+    torch.tanh, torch.sigmoid, torch.relu, torch.softmax,
     torch.rsqrt, torch.exp, torch.layer_norm, F.dropout, F.elu, F.leaky_relu, torch.erf,
-}
+} | torch_seam.C_NN_NONLINEAR_FNS
 _NONLINEAR_METHODS = {"tanh", "sigmoid", "relu", "softmax", "rsqrt", "exp", "pow", "erf"}
 
 def _val(node):

@@ -17,31 +17,16 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
-import passes
-from passes import probe as probe_graph
-from passes.sites import match
+from prac_fx import passes
+from prac_fx.passes import probe as probe_graph
+from prac_fx.passes import torch_seam
+from prac_fx.passes.sites import match
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
 from prac_fx.report import GraphRecord, Report
 from prac_fx.runner import PracRunner
 
 log = logging.getLogger("prac_fx")
-
-
-def _real_tensor(node: torch.fx.Node) -> torch.Tensor | None:
-    """The real tensor Dynamo traced a graph input with (its parameter), when it recorded one."""
-    grapharg = node.meta.get("grapharg")
-    try:
-        example = grapharg.example if grapharg is not None else None
-    except Exception:  # the weak reference died
-        return None
-    return example if isinstance(example, torch.Tensor) else None
-
-
-def _inductor(gm, example_inputs, inner_compile=None):
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-    return compile_fx(gm, list(example_inputs), inner_compile=inner_compile or compile_fx_inner)
 
 
 class PracBackend:
@@ -145,7 +130,7 @@ class PracBackend:
             weight = match(by_name[group.sites[0]])[2]
             index = placeholders.index(weight) if weight in placeholders else None
             owner_args.append(index)
-            key = self.store.claim(group.key, _real_tensor(weight))
+            key = self.store.claim(group.key, torch_seam.traced_tensor(weight))
             if key != group.key:
                 for name in group.sites:
                     sites[name].group = key
@@ -154,24 +139,15 @@ class PracBackend:
 
     def _compile(self, gm, example_inputs, record: GraphRecord):
         if self.compiler == "eager":
-            from torch._dynamo.backends.common import aot_autograd
-            from torch._dynamo.backends.debugging import boxed_nop
-
-            def keep(g, ex, is_backward=False):
-                record.capture(g, is_backward, n_bases=len(record.groups))
-                return boxed_nop(g, ex)
-
-            fw = lambda g, ex: keep(g, ex, False)  # noqa: E731
-            bw = lambda g, ex: keep(g, ex, True)  # noqa: E731
-            return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, list(example_inputs))
-
-        from torch._inductor.compile_fx import compile_fx_inner
+            return torch_seam.aot_eager(
+                gm, example_inputs,
+                lambda g, is_backward: record.capture(g, is_backward, n_bases=len(record.groups)))
 
         def inner(g, ex, *args, **kwargs):
             record.capture(g, kwargs.get("is_backward", False), n_bases=len(record.groups))
-            return compile_fx_inner(g, ex, *args, **kwargs)
+            return torch_seam.inductor_inner_compile(g, ex, *args, **kwargs)
 
-        return _inductor(gm, example_inputs, inner)
+        return torch_seam.inductor_compile(gm, example_inputs, inner)
 
     # -- introspection --------------------------------------------------------------------------
     def report(self) -> Report:

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 import torch.fx
 
-from passes.graph_state import Group, PassResult, Site
+from prac_fx.passes.graph_state import Group, PassResult, Site
 
 _CASTS = {"convert_element_type", "_to_copy", "to"}
 _VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "alias"}

@@ -21,9 +21,9 @@ import weakref
 from typing import Callable, Sequence
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
-from passes.graph_state import Group
+from prac_fx.passes import torch_seam
+from prac_fx.passes.graph_state import Group
 from prac_fx.basis import BasisStore
 
 log = logging.getLogger("prac_fx")
@@ -98,7 +98,7 @@ class PracRunner:
         return call_compiled(self.compiled, [*args, *bases])
 
     def __call__(self, *args):
-        if any(isinstance(a, FakeTensor) for a in args):
+        if any(torch_seam.is_fake(a) for a in args):
             return self._shape_only(args)
         store = self.store
         keys = self._keys(args)

@@ -10,7 +10,7 @@ import torch
 
 from bench import convergence, data, report, variants
 from bench.harness import Row, Setup, run_suite
-from prac_fx import memory
+from prac_fx.diff import memory
 
 MiB = 2**20
 

@@ -5,7 +5,7 @@ import logging
 import torch
 import torch._dynamo
 
-import passes
+from prac_fx import passes
 import prac_fx
 
 
@@ -99,7 +99,7 @@ def test_pass_failure_falls_back_to_plain_inductor(monkeypatch, caplog):
 def test_rewritten_graph_failing_to_compile_falls_back(monkeypatch, caplog):
     """The passes succeed but AOTAutograd cannot trace the result: the original graph is
     compiled instead, nothing is compressed, training goes on."""
-    from passes.ops import CompressedLinear
+    from prac_fx.passes.ops import CompressedLinear
 
     torch._dynamo.reset()
     torch.manual_seed(0)

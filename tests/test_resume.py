@@ -16,7 +16,7 @@ import torch
 import torch._dynamo
 
 import prac_fx
-from prac_fx import models
+from prac_fx.diff import models
 
 OPTIONS = dict(rank=8, refresh_every=3, resample_every=2, seed=5)
 N_STEPS, M_STEPS = 4, 5
