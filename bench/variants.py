@@ -145,6 +145,3 @@ FULL = ["eager", "inductor", "ckpt", "budget", "prac-n/16", "prac-n/8", "prac-n/
 QUICK = ["eager", "inductor", "ckpt", "budget", "prac-n/8", "prac-n/4", "prac-n/4+budget",
          "prac-n/4+budget=0.7", "prac-n/4+allsites+budget"]
 
-
-def default_set() -> list[Variant]:
-    return [by_name(n) for n in QUICK]

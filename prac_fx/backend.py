@@ -18,15 +18,26 @@ import torch
 import torch.fx
 
 from prac_fx import passes
-from prac_fx.passes import probe as probe_graph
-from prac_fx.passes import torch_seam
-from prac_fx.passes.sites import match
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
+from prac_fx.passes import kinds, torch_seam
+from prac_fx.passes import probe as probe_graph
+from prac_fx.passes.graph_state import GraphState
+from prac_fx.passes.sites import match
 from prac_fx.report import GraphRecord, Report
 from prac_fx.runner import PracRunner
 
 log = logging.getLogger("prac_fx")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A rewritten graph ready to compile: nothing outside it has changed yet."""
+
+    work: torch.fx.GraphModule  # the rewritten copy of the Dynamo graph
+    state: GraphState  # sites, groups and pass results
+    devices: list[torch.device]  # per group: the device of its input (and basis)
+    examples: list  # per group: the example value of its basis input
 
 
 class PracBackend:
@@ -51,6 +62,9 @@ class PracBackend:
 
     # -- the backend protocol -------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
+        """Plan (run the passes on a copy: no side effects), compile (with the fallback to the
+        unchanged graph), bind (claim store keys and register the bases, only once the
+        rewritten graph compiled) and return the runner."""
         record = GraphRecord(index=len(self.graphs), training=torch.is_grad_enabled())
         self.graphs.append(record)
         record.dynamo_code = gm.print_readable(print_output=False, include_stride=False,
@@ -58,53 +72,72 @@ class PracBackend:
         if not record.training or not self.rewrite:
             record.note = "grad disabled: compiled unchanged" if self.rewrite else "baseline"
             return self._compile(gm, example_inputs, record)
-        try:
-            work = probe_graph.clone(gm)
-            state = passes.run(work, self.config)
-        except Exception as err:  # never stop training on a graph the passes cannot handle
-            log.warning("prac_fx: graph %d left unchanged (%s: %s)", record.index, type(err).__name__, err)
-            record.note = f"fallback: {type(err).__name__}: {err}"
+        plan = self._plan(gm, record)
+        if plan is None:
             return self._compile(gm, example_inputs, record)
-        record.sites, record.groups, record.passes = state.sites, state.groups, state.results
-        log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
-                 record.index, record.matched, record.rewritten, len(state.groups))
-        for site in state.sites:  # once per module and backend, not once per recompile
-            if site.reason == "too narrow for the rank" and site.module not in self._narrow:
-                self._narrow.add(site.module)
-                log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
-                            "nothing compressed there", site.module, site.n, self.config.rank)
-        if not state.groups:
-            record.note = "no linear site to compress"
-            return self._compile(gm, example_inputs, record)
-        record.rewritten_code = work.print_readable(print_output=False, include_stride=False,
-                                                    include_device=False)
-
-        devices = []
-        by_name = {n.name: n for n in gm.graph.nodes}
-        names = [g.key for g in state.groups]  # before each weight claims its own key
-        owner_args = self._claim(gm, state)
-        for group in state.groups:
-            val = by_name[group.input_node].meta.get("example_value")
-            device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
-            devices.append(device)
-            self.store.register(group.key, group.n, group.r1, group.r2, device)
-        # The bases' example values are the static fake tensors the rewrite gave their
-        # placeholders: a real tensor here would be fakeified with symbolic sizes.
-        work_nodes = {n.name: n for n in work.graph.nodes}
-        examples = [work_nodes[g.basis_placeholder].meta.get("example_value") for g in state.groups]
-        if any(e is None for e in examples):
-            examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
         try:
-            compiled = self._compile(work, [*example_inputs, *examples], record)
+            compiled = self._compile(plan.work, [*example_inputs, *plan.examples], record)
         except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
             first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is a traceback
             log.warning("prac_fx: graph %d: the rewritten graph failed to compile (%s: %s); "
                         "compiled unchanged", record.index, type(err).__name__, first_line)
             # as when the passes fail: the record lists no sites, its note says why
             record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
-            record.sites, record.groups, record.rewritten_code = [], [], ""
+            record.sites, record.groups, record.rewritten_code, record.tags = [], [], "", {}
             record.placement.clear()
             return self._compile(gm, example_inputs, record)
+        return self._bind(gm, plan, compiled, record)
+
+    def _plan(self, gm: torch.fx.GraphModule, record: GraphRecord) -> _Plan | None:
+        """Run the passes on a copy of ``gm`` and fill ``record``; None when nothing is to be
+        rewritten (the record's note says why). Touches neither ``gm`` nor the store."""
+        try:
+            work = probe_graph.clone(gm)
+            state = passes.run(work, self.config)
+        except Exception as err:  # never stop training on a graph the passes cannot handle
+            log.warning("prac_fx: graph %d left unchanged (%s: %s)", record.index, type(err).__name__, err)
+            record.note = f"fallback: {type(err).__name__}: {err}"
+            return None
+        record.sites, record.groups, record.passes = state.sites, state.groups, state.results
+        log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
+                 record.index, record.matched, record.rewritten, len(state.groups))
+        for site in state.sites:  # once per module and backend, not once per recompile
+            if site.reason == kinds.TOO_NARROW and site.module not in self._narrow:
+                self._narrow.add(site.module)
+                log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
+                            "nothing compressed there", site.module, site.n, self.config.rank)
+        if not state.groups:
+            record.note = "no linear site to compress"
+            return None
+        record.rewritten_code = work.print_readable(print_output=False, include_stride=False,
+                                                    include_device=False)
+        record.tags = {n.name: dict(n.meta[kinds.TAG]) for n in work.graph.nodes if kinds.TAG in n.meta}
+        by_name = {n.name: n for n in gm.graph.nodes}
+        devices = []
+        for group in state.groups:
+            val = by_name[group.input_node].meta.get("example_value")
+            devices.append(val.device if isinstance(val, torch.Tensor) else torch.device("cpu"))
+        # The bases' example values are the static fake tensors the rewrite gave their
+        # placeholders: a real tensor here would be fakeified with symbolic sizes.
+        work_nodes = {n.name: n for n in work.graph.nodes}
+        examples = [work_nodes[g.basis_placeholder].meta.get("example_value") for g in state.groups]
+        if any(e is None for e in examples):
+            examples = [g.spec.zeros(d) for g, d in zip(state.groups, devices)]
+        return _Plan(work, state, devices, examples)
+
+    def _bind(self, gm: torch.fx.GraphModule, plan: _Plan, compiled: Callable,
+              record: GraphRecord) -> PracRunner:
+        """Give the compiled graph its bases: claim each group's store key, register the
+        groups, build the probe, and return the runner."""
+        state = plan.state
+        names = [g.key for g in state.groups]  # before each weight claims its own key
+        owner_args = self._claim(gm, state)
+        # the partitioned graphs were recorded under the names; the report reads the keys
+        placement = dict(record.placement)
+        record.placement = {g.key: placement[name] for name, g in zip(names, state.groups)
+                            if name in placement}
+        for group, device in zip(state.groups, plan.devices):
+            self.store.register(group.key, group.spec, device)
         probe = None
         if any(g.r1 > 0 for g in state.groups):
             try:
@@ -113,8 +146,8 @@ class PracBackend:
                 log.warning("prac_fx: graph %d: no activation probe (%s); principal bases stay "
                             "random orthonormal, which keeps gradients unbiased", record.index, err)
                 record.note = f"no probe: {err}"
-        return PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str),
-                          owner_args, names)
+        return PracRunner(compiled, probe, state.groups, self.store,
+                          sorted(set(plan.devices), key=str), owner_args, names)
 
     def _claim(self, gm: torch.fx.GraphModule, state) -> list[int | None]:
         """Give each group the store key of its own weight (``BasisStore.claim``): a block class

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 import torch.fx
 
+from prac_fx.passes import kinds
 from prac_fx.passes.graph_state import Group, PassResult, Site
 
 _CASTS = {"convert_element_type", "_to_copy", "to"}
@@ -97,6 +98,7 @@ class GraphRecord:
     note: str = ""
     dynamo_code: str = ""  # the Dynamo graph as the backend received it
     rewritten_code: str = ""  # the same graph after the passes ("" when unchanged)
+    tags: dict[str, dict] = dataclasses.field(default_factory=dict)  # its nodes' meta["prac"]
     forward_code: str = ""
     backward_code: str = ""
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # group key -> status
@@ -106,11 +108,11 @@ class GraphRecord:
 
     @property
     def matched(self) -> int:
-        return sum(1 for s in self.sites if s.kind in ("linear", "addmm", "matmul") and s.weight)
+        return sum(1 for s in self.sites if s.kind in kinds.LINEAR_KINDS and s.weight)
 
     @property
     def rewritten(self) -> int:
-        return sum(1 for s in self.sites if s.status == "rewritten")
+        return sum(1 for s in self.sites if s.status == kinds.REWRITTEN)
 
     def capture(self, gm: torch.fx.GraphModule, is_backward: bool, n_bases: int) -> None:
         code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
@@ -147,7 +149,7 @@ class Report:
         rows = []
         for g in self.graphs:
             for s in g.sites:
-                if s.status != "rewritten" and not include_skipped:
+                if s.status != kinds.REWRITTEN and not include_skipped:
                     continue
                 rows.append({
                     "graph": g.index,
@@ -156,9 +158,9 @@ class Report:
                     "module": s.module,
                     "group": s.group or "",
                     "n": s.n,
-                    "r1": s.r1 if s.status == "rewritten" else None,
-                    "r2": s.r2 if s.status == "rewritten" else None,
-                    "status": s.status if s.status == "rewritten" else f"skipped: {s.reason}",
+                    "r1": s.r1 if s.status == kinds.REWRITTEN else None,
+                    "r2": s.r2 if s.status == kinds.REWRITTEN else None,
+                    "status": s.status if s.status == kinds.REWRITTEN else f"skipped: {s.reason}",
                     "compressed copy": g.placement.get(s.group, "") if s.group else "",
                 })
         return rows

@@ -44,9 +44,9 @@ class PracRunner:
         self.probe = probe
         self.groups = list(groups)
         self.keys = [g.key for g in self.groups]  # the keys of the instance it was compiled for
+        self.specs = [g.spec for g in self.groups]  # what each basis must be
         self.store = store
         self.cuda_devices = [d for d in devices if d.type == "cuda"]
-        self.calls = 0
         # per group: the position in the arguments of the weight that owns its basis (None: unknown)
         self.owner_args = list(owner_args) if owner_args is not None else [None] * len(self.groups)
         # per group: the name its weights claim a key under (the key before ``BasisStore.claim``)
@@ -67,7 +67,7 @@ class PracRunner:
         for group, name, owner in zip(self.groups, self.names, owners):
             key = self.store.claim(name, owner)
             device = self.store.groups[group.key].device
-            self.store.register(key, group.n, group.r1, group.r2, device)
+            self.store.register(key, group.spec, device)
             keys.append(key)
         self._bound[ident] = ([None if o is None else weakref.ref(o) for o in owners], keys)
         return keys
@@ -92,8 +92,7 @@ class PracRunner:
         for group, key in zip(self.groups, self.keys):
             basis = self.store.basis(key)
             if basis is None:  # under the caller's fake mode this makes a fake tensor
-                device = self.store.groups[key].device
-                basis = torch.zeros(group.n, group.rank, dtype=torch.float32, device=device)
+                basis = group.spec.zeros(self.store.groups[key].device)
             bases.append(basis)
         return call_compiled(self.compiled, [*args, *bases])
 
@@ -115,9 +114,10 @@ class PracRunner:
                 if store.basis(key) is None:
                     store.refresh(key, None)
         bases = [store.basis(k) for k in keys]
+        for spec, key, basis in zip(self.specs, keys, bases):
+            spec.check(basis, key)
         out = call_compiled(self.compiled, [*args, *bases])
         if training:
             for key in keys:
                 store.advance(key)
-            self.calls += 1
         return out

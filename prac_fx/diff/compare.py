@@ -91,6 +91,7 @@ from prac_fx.diff.flops import flops
 from prac_fx.diff.graphs import graph_diffs
 from prac_fx.diff.saved import changed, pair, saved
 from prac_fx.diff.workload import Workload
+from prac_fx.passes import kinds
 from prac_fx.passes.kinds import LINEAR_KINDS
 from prac_fx.report import GraphRecord
 
@@ -113,10 +114,10 @@ def _sites(index: int, record: GraphRecord, info: DynamoInfo) -> list[dict]:
             "kind": s.kind, "weight": s.weight, "group": s.group,
             "N": info.rows.get(s.input_node) if linear else None,
             "n": s.n, "m": s.m,
-            "r1": s.r1 if s.status == "rewritten" else None,
-            "r2": s.r2 if s.status == "rewritten" else None,
-            "status": "rewritten" if s.status == "rewritten" else "skipped",
-            "reason": None if s.status == "rewritten" else s.reason,
+            "r1": s.r1 if s.status == kinds.REWRITTEN else None,
+            "r2": s.r2 if s.status == kinds.REWRITTEN else None,
+            "status": kinds.REWRITTEN if s.status == kinds.REWRITTEN else kinds.SKIPPED,
+            "reason": None if s.status == kinds.REWRITTEN else s.reason,
             "compressed_copy": record.placement.get(s.group, "") if s.group else "",
         })
     return rows
@@ -169,7 +170,7 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
         "config": config_summary(config, exclude),
         "graphs": graph_notes,
         "notes": notes,
-        "summary": {"sites": len(matched), "rewritten": sum(s["status"] == "rewritten" for s in sites),
+        "summary": {"sites": len(matched), "rewritten": sum(s["status"] == kinds.REWRITTEN for s in sites),
                     "groups": len(groups)},
         "sites": sites,
         "saved": {

@@ -4,6 +4,7 @@ the forward cost ``2 N n r`` of each group's ``x @ P``.
 """
 from __future__ import annotations
 
+from prac_fx.passes import kinds
 from prac_fx.passes.kinds import LINEAR_KINDS
 
 
@@ -15,7 +16,7 @@ def flops(sites: list[dict], groups) -> dict:
         N, n, m = s["N"], s["n"], s["m"]
         r = (s["r1"] or 0) + (s["r2"] or 0)
         exact = 2 * N * n * m
-        factored = 2 * (N * r * m + m * r * n) if s["status"] == "rewritten" else exact
+        factored = 2 * (N * r * m + m * r * n) if s["status"] == kinds.REWRITTEN else exact
         rows.append({"graph": s["graph"], "module": s["module"], "N": N, "n": n, "m": m, "r": r,
                      "exact": exact, "factored": factored})
     exact = sum(r["exact"] for r in rows)

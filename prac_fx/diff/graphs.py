@@ -8,6 +8,7 @@ saved-tensor table names tensors by it).
 from __future__ import annotations
 
 from prac_fx.diff import graph_text
+from prac_fx.passes import kinds
 from prac_fx.passes.kinds import LINEAR_KINDS
 from prac_fx.diff.saved import is_view_op, short_op
 from prac_fx.report import GraphRecord
@@ -52,12 +53,25 @@ def _basis_marks(nodes: dict[str, graph_text.Node], bases: dict[str, str],
     return marks, bases, copies
 
 
+def _tag_marks(tags: dict[str, dict], groups: list[str], mapping: dict[str, str]) -> dict[str, str]:
+    """Notes for the nodes the rewrite inserted into the Dynamo graph, read from their tags
+    (``kinds.TAG``); ``mapping`` renames them as ``graph_text.align`` did."""
+    marks = {}
+    for name, tag in tags.items():
+        group = groups[tag["group"]]
+        if tag["role"] == kinds.ROLE_COMPRESS:
+            marks[mapping.get(name, name)] = f"x @ P, group {group}"
+        elif tag["role"] == kinds.ROLE_SITE:
+            marks[mapping.get(name, name)] = f"compressed linear, group {group}"
+    return marks
+
+
 def _site_marks(sites) -> dict[str, str]:
     marks = {}
     for s in sites:
         if s.kind not in LINEAR_KINDS:
             continue
-        if s.status == "rewritten":
+        if s.status == kinds.REWRITTEN:
             marks[s.node] = f"rewritten, group {s.group} (r1={s.r1}, r2={s.r2})"
         elif s.reason:
             marks[s.node] = f"skipped: {s.reason}"
@@ -80,8 +94,7 @@ def graph_diffs(index: int, base: GraphRecord, prac: GraphRecord, kinds, context
         before = graph_text.normalise(prac.dynamo_code)
         after = graph_text.normalise(prac.rewritten_code) if prac.rewritten_code else before
         after, mapping = graph_text.align(before, after)
-        bases = {mapping.get(f"prac_basis_{i}", f"prac_basis_{i}"): g for i, g in enumerate(groups)}
-        marks_after, _, _ = _basis_marks(graph_text.parse("\n".join(after)), bases)
+        marks_after = _tag_marks(prac.tags, groups, mapping)
         add("dynamo", f"graph {index}: dynamo graph", f"graph {index}: after the PRAC passes",
             before, after, _site_marks(prac.sites), marks_after)
 
