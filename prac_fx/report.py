@@ -165,6 +165,13 @@ class Report:
                 })
         return rows
 
+    def pass_rows(self) -> list[dict]:
+        """What each pass did to each graph, in pipeline order (``PassResult``)."""
+        return [{"graph": g.index, "pass": r.name, "nodes created": r.nodes_created,
+                 "nodes erased": r.nodes_erased, "sites matched": r.sites_matched,
+                 "notes": "; ".join(r.notes)}
+                for g in self.graphs for r in g.passes]
+
     def table(self, include_skipped: bool = False) -> str:
         from tabulate import tabulate
 

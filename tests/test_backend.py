@@ -44,6 +44,9 @@ def test_full_rank_matches_eager(mlp_case, compiler):
     report = be.report()
     assert (report.sites_matched, report.sites_rewritten) == (3, 3)
     assert [r["status"] for r in report.rows(include_skipped=False)] == ["rewritten"] * 3
+    passes = [(r["pass"], r["nodes created"], r["nodes erased"], r["sites matched"])
+              for r in report.pass_rows()]
+    assert passes == [("find_sites", 0, 0, 3), ("group_sites", 0, 0, 3), ("rewrite_sites", 9, 3, 3)]
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
