@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from prac_fx.basis import BasisStore
 from prac_fx.passes import torch_seam
 from prac_fx.passes.graph_state import Group
-from prac_fx.basis import BasisStore
 
 log = logging.getLogger("prac_fx")
 
