@@ -13,18 +13,15 @@ be reprinted, or a long run watched, without re-running.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import pathlib
 import statistics
-import sys
-import time
 
 import torch
 
-from bench import data
-from prac_fx import models
+from bench import data, training
+from prac_fx.diff import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +46,10 @@ class TrainConfig:
     dtype: str = "float32"
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|shakespeare-bpe-v1"
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+        return training.config_key(self, "shakespeare-bpe-v1")
 
     def path(self, cache: pathlib.Path) -> pathlib.Path:
-        safe = self.variant.replace("/", "_").replace("+", "_")
-        return cache / "convergence" / f"{self.model}-{safe}-{self.steps}-{self.key()}.json"
+        return training.cache_path(self, cache, "convergence", self.model)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -80,12 +75,7 @@ def _evaluate(fn, batches: list[torch.Tensor]) -> float:
 
 def load(cfg, cache: pathlib.Path = data.CACHE) -> dict | None:
     """The cached record of a finished run of ``cfg`` (any config with ``path(cache)``), or None."""
-    path = cfg.path(cache)
-    if path.exists():
-        result = json.loads(path.read_text())
-        if result.get("done"):
-            return result
-    return None
+    return training.load(cfg, cache)
 
 
 def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = True) -> dict:
@@ -118,34 +108,7 @@ def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = T
         tmp.write_text(json.dumps(record))
         tmp.replace(path)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, desc=f"{cfg.model}/{cfg.variant}", file=sys.stderr,
-                   mininterval=5.0, dynamic_ncols=True)
-    record["eval"].append({"step": 0, "val_loss": _evaluate(fn, val)})
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        ids = train_batches.next()
-        t = time.perf_counter()
-        loss = fn(ids, labels=ids).loss
-        loss.backward()
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t
-        if step == 0:
-            record["compile_s"] = elapsed
-        else:
-            record["step_s"].append(elapsed)
-        record["train_loss"].append(loss.item())
-        if not math.isfinite(record["train_loss"][-1]):
-            record["diverged_at"] = step + 1
-            break
-        done = step + 1
+    def evaluate(done: int, bar) -> None:
         if done % cfg.eval_every == 0 or done == cfg.steps:
             v = _evaluate(fn, val)
             record["eval"].append({"step": done, "val_loss": v})
@@ -157,10 +120,12 @@ def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = T
             if bar is not None:
                 bar.set_postfix(val_loss=f"{v:.3f}", ppl=f"{math.exp(v):.1f}")
             save()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+
+    record["eval"].append({"step": 0, "val_loss": _evaluate(fn, val)})
+    training.train_loop(model, opt, record, steps=cfg.steps, lr_at=lambda step: lr_at(step, cfg),
+                        batch_at=lambda step: train_batches.next(),
+                        loss_of=lambda ids: fn(ids, labels=ids).loss, clip=cfg.clip,
+                        desc=f"{cfg.model}/{cfg.variant}", progress=progress, after_step=evaluate)
     record["done"] = True
     save()
     return record

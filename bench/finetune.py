@@ -14,17 +14,13 @@ convergence runs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import pathlib
-import sys
-import time
 
 import torch
 
-from bench import data
+from bench import data, training
 from bench.convergence import load  # noqa: F401  (``finetune.load``: the same cache lookup)
 
 
@@ -41,12 +37,10 @@ class FinetuneConfig:
     data_seed: int = 1
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + "|minilm-rt-v1"
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+        return training.config_key(self, "minilm-rt-v1")
 
     def path(self, cache: pathlib.Path) -> pathlib.Path:
-        safe = self.variant.replace("/", "_").replace("+", "_")
-        return cache / "finetune" / f"minilm-{safe}-{self.steps}-{self.key()}.json"
+        return training.cache_path(self, cache, "finetune", "minilm")
 
 
 def model_path() -> pathlib.Path:
@@ -110,43 +104,25 @@ def train(cfg: FinetuneConfig, cache: pathlib.Path = data.CACHE, progress: bool 
     record = {"config": dataclasses.asdict(cfg), "machine": machine(), "done": False,
               "train": len(train_pairs), "test": len(test_pairs), "train_loss": [],
               "step_s": [], "compile_s": None}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, desc=f"minilm/{cfg.variant}", file=sys.stderr,
-                   mininterval=5.0, dynamic_ncols=True)
     torch.manual_seed(cfg.seed + 1)  # dropout masks
-    for step in range(cfg.steps):
+
+    def batch_at(step: int) -> torch.Tensor:
+        nonlocal order, pos
         if pos + cfg.batch > len(order):
             order, pos = torch.randperm(len(tr_ids), generator=gen), 0
         idx = order[pos: pos + cfg.batch]
         pos += cfg.batch
+        return idx
+
+    def lr_at(step: int) -> float:
         if step < cfg.warmup:
-            lr = cfg.lr * (step + 1) / cfg.warmup
-        else:
-            lr = cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t = time.perf_counter()
-        out = fn(input_ids=tr_ids[idx], attention_mask=tr_mask[idx], labels=tr_y[idx])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t
-        if step == 0:
-            record["compile_s"] = elapsed
-        else:
-            record["step_s"].append(elapsed)
-        record["train_loss"].append(out.loss.item())
-        if not math.isfinite(record["train_loss"][-1]):
-            record["diverged_at"] = step + 1
-            break
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            return cfg.lr * (step + 1) / cfg.warmup
+        return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+
+    training.train_loop(
+        model, opt, record, steps=cfg.steps, lr_at=lr_at, batch_at=batch_at,
+        loss_of=lambda idx: fn(input_ids=tr_ids[idx], attention_mask=tr_mask[idx], labels=tr_y[idx]).loss,
+        clip=1.0, desc=f"minilm/{cfg.variant}", progress=progress)
     record["test_acc"] = accuracy(model, te_ids, te_mask, te_y)
     record["done"] = True
     path = cfg.path(cache)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from prac_fx import memory, models
+from prac_fx.diff import memory, models
 
 MiB = 2**20
 

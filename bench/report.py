@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from typing import Callable
 
 from tabulate import tabulate
 
@@ -53,6 +54,28 @@ def suite_header(setup: Setup, machine: str) -> str:
             f"alternating steps (forward + backward)")
 
 
+REFERENCES = ("eager", "inductor")
+
+
+def attach_gaps(rows: list, key: Callable, column: str, gap: Callable,
+                comparable: Callable = lambda row, other: True) -> None:
+    """The gap to each reference variant, in one place: sets ``{column}_vs_{ref}`` of every row
+    to ``gap(row, other)``, where ``other`` is the row with ``key(other, other.variant) ==
+    key(row, ref)`` (the reference run of the same model or seed) and ``comparable(row, other)``
+    holds; the column stays NaN otherwise."""
+    by = {key(r, r.variant): r for r in rows}
+    for r in rows:
+        for ref in REFERENCES:
+            other = by.get(key(r, ref))
+            if other is not None and comparable(r, other):
+                setattr(r, f"{column}_vs_{ref}", gap(r, other))
+
+
+def _ppl_gap(row, other) -> float:
+    """Relative: ppl / reference ppl - 1."""
+    return row.ppl / other.ppl - 1
+
+
 def attach_perplexity(rows: list[Row], names: list[str], setup: Setup, steps: int) -> bool:
     """Fill each row's perplexity from the cached convergence run of the same model, variant and
     shape; True when at least one was found."""
@@ -71,12 +94,8 @@ def attach_perplexity(rows: list[Row], names: list[str], setup: Setup, steps: in
         if result is not None:
             r.ppl = math.exp(result["eval"][-1]["val_loss"])
             found = True
-    by = {(r.model, r.variant): r for r in rows}
-    for r in rows:
-        for ref in ("eager", "inductor"):
-            other = by.get((r.model, ref))
-            if other is not None and not math.isnan(r.ppl) and not math.isnan(other.ppl):
-                setattr(r, f"ppl_gap_vs_{ref}", r.ppl / other.ppl - 1)
+    attach_gaps(rows, lambda r, variant: (r.model, variant), "ppl_gap", _ppl_gap,
+                comparable=lambda r, other: not math.isnan(r.ppl) and not math.isnan(other.ppl))
     return found
 
 
@@ -150,12 +169,8 @@ def convergence_rows(results: list[dict]) -> list[ConvergenceRow]:
             _at(res, cfg["steps"] // 2), statistics.fmean(res["train_loss"][-50:]),
             statistics.median(res["step_s"]) * 1e3 if res["step_s"] else float("nan"),
             res["compile_s"] or float("nan")))
-    by = {(r.model, r.variant): r for r in rows}
-    for r in rows:
-        for ref in ("eager", "inductor"):
-            other = by.get((r.model, ref))
-            if other is not None and other.steps == r.steps:
-                setattr(r, f"ppl_gap_vs_{ref}", r.ppl / other.ppl - 1)
+    attach_gaps(rows, lambda r, variant: (r.model, variant), "ppl_gap", _ppl_gap,
+                comparable=lambda r, other: other.steps == r.steps)
     return rows
 
 
@@ -224,11 +239,8 @@ def finetune_rows(results: list[dict]) -> list[FinetuneRow]:
                         100 * r["test_acc"], statistics.fmean(r["train_loss"][-50:]),
                         statistics.median(r["step_s"]) * 1e3 if r["step_s"] else float("nan"),
                         r["compile_s"] or float("nan")) for r in results]
-    by = {(r.variant, r.seed): r for r in rows}
-    for r in rows:
-        for ref in ("eager", "inductor"):
-            if (ref, r.seed) in by:
-                setattr(r, f"acc_gap_vs_{ref}", r.test_acc - by[ref, r.seed].test_acc)
+    attach_gaps(rows, lambda r, variant: (variant, r.seed), "acc_gap",
+                lambda r, other: r.test_acc - other.test_acc)
     seeds = sorted({r.seed for r in rows}, key=int)
     if len(seeds) < 2:
         return rows

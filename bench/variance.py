@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from bench import data, variants
-from prac_fx import models
+from prac_fx.diff import models
 from prac_fx import variance as pv
 
 

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 import prac_fx
+from prac_fx.passes import torch_seam
 from bench.harness import Variant
 
 RANKS = {"n/16": 1 / 16, "n/8": 1 / 8, "n/4": 1 / 4, "0.6n": 0.6}
@@ -48,16 +49,14 @@ def _with_budget(backend: Callable, budget: float) -> Callable:
     of equal models)."""
 
     def compile_with_budget(gm, example_inputs):
-        with torch._functorch.config.patch(activation_memory_budget=budget):
+        with torch_seam.activation_memory_budget(budget):
             return backend(gm, example_inputs)
 
     return compile_with_budget
 
 
 def _inductor_backend(gm, example_inputs):
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
+    return torch_seam.inductor_compile(gm, example_inputs)
 
 
 def _checkpoint_blocks(model: torch.nn.Module) -> torch.nn.Module:
@@ -152,6 +151,3 @@ FULL = ["eager", "inductor", "ckpt", "budget", "prac-n/16", "prac-n/8", "prac-n/
 QUICK = ["eager", "inductor", "ckpt", "budget", "prac-n/8", "prac-n/4", "prac-n/4+budget",
          "prac-n/4+budget=0.7", "prac-n/4+allsites+budget"]
 
-
-def default_set() -> list[Variant]:
-    return [by_name(n) for n in QUICK]

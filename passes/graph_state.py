@@ -1,17 +1,21 @@
 """What the passes share: the graph being rewritten, the sites and groups found so far, and the
 record of what each pass did.
 
-Invariants every pass keeps (checked by tests): each node a pass creates carries
-``meta["example_value"]`` (a fake tensor, so later passes and AOTAutograd see shapes); no pass
-makes an output alias an input; basis placeholders come after every original placeholder, in
-group order, so the runner can append the bases to the original arguments.
+Invariants every pass keeps (``tests/invariants.py`` checks them after every pass): each node
+a pass creates carries ``meta["example_value"]`` (a fake tensor, so later passes and AOTAutograd
+see shapes); no pass makes an output alias an input; basis placeholders come after every
+original placeholder, in group order, so the runner can append the bases to the original
+arguments; a ``PassResult`` counts the nodes its pass created and erased.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Protocol
 
+import torch
 import torch.fx
+
+from prac_fx.passes import kinds
 
 
 class SitePolicy(Protocol):
@@ -34,10 +38,13 @@ class SitePolicy(Protocol):
 class Site:
     """One node the passes looked at.
 
-    ``status`` is ``"rewritten"`` or ``"skipped"``; a skipped site names its ``reason``:
-    ``attention``, ``nonlinear``, ``no trainable weight``, ``output head``, ``filtered``, ``too
-    narrow for the rank``, ``too few rows to gain``, ``unsupported pattern``, and the two
-    checkpoint reasons of ``passes.sites`` (``CHECKPOINTED``, ``SELECTIVE``).
+    ``kind`` is one of ``kinds.KINDS``. ``status`` is ``"skipped"``, ``"candidate"`` (found by
+    ``find_sites``, not yet rewritten) or ``"rewritten"`` (``kinds.STATUSES``); a skipped site
+    names its ``reason`` (``kinds.REASONS``): ``attention``, ``nonlinear``, ``no trainable
+    weight``, ``output head``, ``filtered``, ``too narrow for the rank``, ``too few rows to
+    gain``, ``unsupported pattern``, and the two
+    checkpoint reasons (``kinds.CHECKPOINTED``, ``kinds.SELECTIVE``). A candidate that ``rewrite_sites`` did not reach (a graph
+    whose rewrite failed) keeps ``"candidate"``.
     """
 
     node: str
@@ -47,12 +54,44 @@ class Site:
     input_node: str = ""
     n: int | None = None
     m: int | None = None
-    status: str = "skipped"
+    status: str = kinds.SKIPPED
     reason: str | None = None
     group: str | None = None
     r1: int = 0
     r2: int = 0
     stat_index: int | None = None  # its row of the graph's ``prac_stats`` input, once rewritten
+
+
+@dataclasses.dataclass(frozen=True)
+class BasisSpec:
+    """What a group's basis P is: ``(n, r1 + r2)``, ``dtype`` (float32 also under autocast; the
+    compressed copy takes the activation's dtype). The rewrite gives the basis placeholder a
+    value of this spec, the store builds P to it, and the runner checks each P against it."""
+
+    n: int
+    r1: int
+    r2: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def rank(self) -> int:
+        return self.r1 + self.r2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.rank)
+
+    def empty(self, device) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+    def zeros(self, device) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+    def check(self, basis: torch.Tensor, key: str) -> None:
+        """Raise ValueError unless ``basis`` has this spec's shape and dtype."""
+        if tuple(basis.shape) != self.shape or basis.dtype != self.dtype:
+            raise ValueError(f"basis of group {key!r} has shape {tuple(basis.shape)} and dtype "
+                             f"{basis.dtype}; its graph was compiled for {self.shape}, {self.dtype}")
 
 
 @dataclasses.dataclass
@@ -74,6 +113,10 @@ class Group:
     def rank(self) -> int:
         return self.r1 + self.r2
 
+    @property
+    def spec(self) -> BasisSpec:
+        return BasisSpec(self.n, self.r1, self.r2)
+
 
 @dataclasses.dataclass
 class PassResult:
@@ -92,16 +135,6 @@ class GraphState:
     results: list[PassResult] = dataclasses.field(default_factory=list)
     stats_placeholder: str = ""  # the ``prac_stats`` input the rewrite adds after the bases
     followed: int = 0  # extra outputs: the bases of following groups, after the graph's own
-
-    def node(self, name: str) -> torch.fx.Node:
-        for n in self.gm.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
-
-    def sites_in(self, group: Group) -> list[Site]:
-        names = set(group.sites)
-        return [s for s in self.sites if s.node in names]
 
 
 PassFn = Callable[[GraphState, SitePolicy], PassResult]

@@ -11,7 +11,8 @@ Does not change the graph.
 """
 from __future__ import annotations
 
-from passes.graph_state import GraphState, Group, PassResult, SitePolicy
+from prac_fx.passes import kinds
+from prac_fx.passes.graph_state import GraphState, Group, PassResult, SitePolicy
 
 
 def _key(modules: list[str]) -> str:
@@ -25,7 +26,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
     result = PassResult("group_sites")
     by_input: dict[str, list] = {}
     for site in state.sites:
-        if site.status == "candidate":
+        if site.status == kinds.CANDIDATE:
             by_input.setdefault(site.input_node, []).append(site)
     seen: dict[str, int] = {}
     groups = []

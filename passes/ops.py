@@ -34,7 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-KINDS = ("linear", "addmm", "matmul")
+from prac_fx.passes import kinds
+
+KINDS = kinds.LINEAR_KINDS
 
 
 def compress(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -86,11 +88,11 @@ class CompressedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_compressed, basis, kind, r1=0, stats=None):
-        if kind == "linear":
+        if kind == kinds.LINEAR:
             out = F.linear(x, weight, bias)
-        elif kind == "addmm":
+        elif kind == kinds.ADDMM:
             out = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
-        elif kind == "matmul":
+        elif kind == kinds.MATMUL:
             out = torch.matmul(x, weight)
         else:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -104,7 +106,7 @@ class CompressedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_compressed, basis, weight = ctx.saved_tensors
-        weight_is_out_in = ctx.kind == "linear"  # (m, n) for linear, (n, m) otherwise
+        weight_is_out_in = ctx.kind == kinds.LINEAR  # (m, n) for linear, (n, m) otherwise
         m = weight.shape[0] if weight_is_out_in else weight.shape[1]
         grad_x = grad_weight = grad_bias = grad_stats = None
 

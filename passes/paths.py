@@ -28,7 +28,7 @@ import re
 
 import torch.fx
 
-from passes import torch_seam
+from prac_fx.passes import torch_seam
 
 CONTAINERS = frozenset({"_modules", "_parameters", "_buffers"})
 WRAPPERS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
@@ -99,7 +99,7 @@ def path_from_source(source) -> str:
 
 def parameter_path(node: torch.fx.Node) -> str:
     """Dotted path of a Dynamo graph input (``"model.layers.0.q_proj.weight"``), or ``""``."""
-    source = getattr(node, "_dynamo_source", None)
+    source = torch_seam.node_source(node)
     return "" if source is None else path_from_source(source)
 
 
@@ -108,7 +108,5 @@ def module_path(node: torch.fx.Node) -> str:
 
     This names the calling module even where the weight belongs to another one (GPT-2's
     ``lm_head`` reads the tied ``transformer.wte.weight``)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    return path_from_text(str(list(stack.values())[-1][0]))
+    text = torch_seam.innermost_module(node)
+    return "" if text is None else path_from_text(text)

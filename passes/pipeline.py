@@ -7,11 +7,12 @@ records the nodes the pass created and erased, measured from the graph itself.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch.fx
 
-from passes import grouping, rewrite, sites
-from passes.graph_state import GraphState, PassFn, SitePolicy
+from prac_fx.passes import grouping, rewrite, sites
+from prac_fx.passes.graph_state import GraphState, PassFn, PassResult, SitePolicy
 
 log = logging.getLogger("prac_fx.passes")
 
@@ -22,7 +23,10 @@ PIPELINE: list[tuple[str, PassFn]] = [
 ]
 
 
-def run(gm: torch.fx.GraphModule, policy: SitePolicy) -> GraphState:
+def run(gm: torch.fx.GraphModule, policy: SitePolicy, *,
+        observe: Callable[[GraphState, PassResult, set[str]], None] | None = None) -> GraphState:
+    """``observe(state, result, names_before)``, when given, is called after every pass (the
+    tests check the graph invariants there, see ``graph_state``)."""
     state = GraphState(gm)
     for name, fn in PIPELINE:
         before = {n.name for n in gm.graph.nodes}
@@ -33,4 +37,6 @@ def run(gm: torch.fx.GraphModule, policy: SitePolicy) -> GraphState:
         result.nodes_erased = len(before - after)
         state.results.append(result)
         log.debug("pass %s: %s", name, result)
+        if observe is not None:
+            observe(state, result, before)
     return state

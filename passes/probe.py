@@ -13,25 +13,21 @@ edit the copy while Dynamo keeps its own.
 """
 from __future__ import annotations
 
-import copy
-
-import torch
 import torch.fx
 
-from passes.ops import gram
-
-_GRAD_MODE = {torch._C._set_grad_enabled}
+from prac_fx.passes import torch_seam
+from prac_fx.passes.ops import gram
 
 
 def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    torch_seam.copy_codegen(gm.graph, graph)
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
     out = graph.graph_copy(gm.graph, val_map)
     graph.output(out)
     for old, new in val_map.items():
         if old.op == "placeholder":
-            new._dynamo_source = getattr(old, "_dynamo_source", None)
+            torch_seam.set_node_source(new, torch_seam.node_source(old))
     return torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
 
 
@@ -62,7 +58,7 @@ def build(gm: torch.fx.GraphModule, input_nodes: list[str]) -> torch.fx.GraphMod
             grams.append(graph.call_function(gram, (nodes[name],)))
     output.args = (tuple(grams),)
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _GRAD_MODE:
+        if node.op == "call_function" and node.target in torch_seam.GRAD_MODE_FNS:
             graph.erase_node(node)
     graph.eliminate_dead_code()
     graph.lint()

@@ -22,8 +22,12 @@ Per group, before its first site:
 Each site becomes ``CompressedLinear.apply(x, weight, bias, x_compressed, basis, kind, r1,
 stats[i])``, which returns exactly what the site returned.
 
-Guarantees: forward values unchanged; every new node carries ``meta["example_value"]``; the
-original graph inputs keep their positions and the original outputs come first.
+Guarantees: forward values unchanged; every new node carries ``meta["example_value"]`` and the
+tag ``meta["prac"]`` (``kinds.TAG``: its role, one of ``kinds.ROLES``, and its group's index); the
+original graph inputs keep their positions and the original outputs come first. The ``x @ P``
+nodes also carry ``meta["custom"]`` (``{"prac": "compress", "group": i}``), which AOTAutograd
+copies to the aten nodes it traces from them: the report finds each group's compressed copy in
+the partitioned forward and backward graphs by it.
 """
 from __future__ import annotations
 
@@ -33,20 +37,10 @@ import operator
 import torch
 import torch.fx
 
-from passes.graph_state import GraphState, PassResult, SitePolicy
-from passes.ops import CompressedLinear, compress, follow_basis
-from passes.sites import match
-
-
-def _fake_mode(gm: torch.fx.GraphModule):
-    """The fake mode AOTAutograd will trace in: the tracing context's, else the inputs'."""
-    from torch._guards import TracingContext, detect_fake_mode
-
-    context = TracingContext.try_get()
-    if context is not None and context.fake_mode is not None:
-        return context.fake_mode
-    vals = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+from prac_fx.passes import kinds, torch_seam
+from prac_fx.passes.graph_state import GraphState, PassResult, SitePolicy
+from prac_fx.passes.ops import CompressedLinear, compress, follow_basis
+from prac_fx.passes.sites import match
 
 
 def _example(node: torch.fx.Node):
@@ -70,15 +64,16 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
     if not state.groups:
         return result
     nodes = {n.name: n for n in graph.nodes}
-    fake_mode = _fake_mode(state.gm)
+    fake_mode = torch_seam.fake_mode(state.gm)
     sites = {s.node: s for s in state.sites}
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
-    def placeholder(name, shape, device, requires_grad=False):
+    def placeholder(name, shape, device, role, group=None, requires_grad=False):
         nonlocal last
         with graph.inserting_after(last):
             node = graph.placeholder(name)
-        node._dynamo_source = None
+        torch_seam.set_node_source(node, None)
+        node.meta[kinds.TAG] = {"role": role, "group": group}
         last = node
         if fake_mode is not None:
             node.meta["example_value"] = fake_mode.from_tensor(
@@ -93,15 +88,18 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         devices.append(x_val.device if isinstance(x_val, torch.Tensor) else None)
     bases = []
     for index, (group, device) in enumerate(zip(state.groups, devices)):
-        bases.append(placeholder(f"prac_basis_{index}", (group.n, group.rank), device))
+        bases.append(placeholder(f"prac_basis_{index}", group.spec.shape, device,
+                                 kinds.ROLE_BASIS, index))
         group.basis_placeholder = bases[-1].name
     omegas = {}
     for index, (group, device) in enumerate(zip(state.groups, devices)):
         if follows(group, policy):
-            omegas[index] = placeholder(f"prac_omega_{index}", (group.n, group.r2), device)
+            omegas[index] = placeholder(f"prac_omega_{index}", (group.n, group.r2), device,
+                                        kinds.ROLE_OMEGA, index)
             group.omega_placeholder = omegas[index].name
     n_sites = sum(len(g.sites) for g in state.groups)
-    stats = placeholder("prac_stats", (n_sites, 2), devices[0], requires_grad=True)
+    stats = placeholder("prac_stats", (n_sites, 2), devices[0], kinds.ROLE_STATS,
+                        requires_grad=True)
     state.stats_placeholder = stats.name
     stats_val = stats.meta.get("example_value")
 
@@ -120,6 +118,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             with graph.inserting_before(first):
                 basis = graph.call_function(follow_basis, args)
             basis.meta["stack_trace"] = first.meta.get("stack_trace")
+            basis.meta[kinds.TAG] = {"role": kinds.ROLE_FOLLOW, "group": index}
             if x_mode is not None:
                 with x_mode:
                     basis.meta["example_value"] = basis_val = follow_basis(
@@ -134,11 +133,11 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         # AOTAutograd copies "custom" meta to the aten nodes it traces from this one, so the
         # report finds the group's x @ P in the partitioned graphs by this tag.
         x_compressed.meta["custom"] = {"prac": "compress", "group": index}
+        x_compressed.meta[kinds.TAG] = {"role": kinds.ROLE_COMPRESS, "group": index}
         if x_mode is not None:
             with x_mode:  # in the mode of the graph's own example values
                 x_compressed.meta["example_value"] = compress(
-                    x_val, torch.empty((group.n, group.rank), dtype=torch.float32,
-                                       device=devices[index]))
+                    x_val, group.spec.empty(devices[index]))
         group.compressed_node = x_compressed.name
         result.nodes_created += 1
         for name in group.sites:
@@ -151,14 +150,16 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
                     CompressedLinear.apply, (x, weight, bias, x_compressed, basis, kind, group.r1, row)
                 )
             row.meta["stack_trace"] = site_node.meta.get("stack_trace")
+            row.meta[kinds.TAG] = {"role": kinds.ROLE_STATS_ROW, "group": index}
             if stats_val is not None:
                 with stats_val.fake_mode:
                     row.meta["example_value"] = stats_val[stat_index]
             new.meta.update({k: v for k, v in site_node.meta.items()})
+            new.meta[kinds.TAG] = {"role": kinds.ROLE_SITE, "group": index, "kind": kind}
             site_node.replace_all_uses_with(new)
             graph.erase_node(site_node)
             nodes[name] = new  # a later group may read this site's output (linear -> linear)
-            sites[name].status = "rewritten"
+            sites[name].status = kinds.REWRITTEN
             sites[name].stat_index = stat_index
             stat_index += 1
             result.nodes_created += 2

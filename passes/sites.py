@@ -39,37 +39,24 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from passes.graph_state import GraphState, PassResult, Site, SitePolicy
-from passes import torch_seam
-from passes.paths import module_path, parameter_path
+from prac_fx.passes import kinds, torch_seam
+from prac_fx.passes.graph_state import GraphState, PassResult, Site, SitePolicy
+from prac_fx.passes.paths import module_path, parameter_path
 
-CHECKPOINTED = "inside activation checkpoint: recomputed, nothing saved to compress"
-SELECTIVE = ("inside selective activation checkpoint: its policy decides what is saved; "
-             "not compressed")
+_LINEAR = torch_seam.LINEAR_FNS
 
-_LINEAR = {torch._C._nn.linear, F.linear}
+CHECKPOINTED, SELECTIVE = kinds.CHECKPOINTED, kinds.SELECTIVE
 _ADDMM = {torch.addmm}
 _MATMUL = {torch.matmul, operator.matmul, torch.mm}
 _MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
 
-_ATTENTION = {F.scaled_dot_product_attention}
-for _name in (
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention",
-    "_flash_attention_forward",
-    "_efficient_attention_forward",
-):
-    _op = getattr(torch.ops.aten, _name, None)
-    if _op is not None:
-        _ATTENTION.add(_op)
-        _ATTENTION.add(_op.default)
+_ATTENTION = torch_seam.attention_ops()
 
 _NONLINEAR = {
     F.gelu, F.silu, F.relu, F.tanh, F.sigmoid, F.softmax, F.layer_norm, F.rms_norm, F.mish,
-    torch._C._nn.gelu, torch._C._nn.silu, torch.tanh, torch.sigmoid, torch.relu, torch.softmax,
+    torch.tanh, torch.sigmoid, torch.relu, torch.softmax,
     torch.rsqrt, torch.exp, torch.layer_norm, F.dropout, F.elu, F.leaky_relu, torch.erf,
-}
+} | torch_seam.C_NN_NONLINEAR_FNS
 _NONLINEAR_METHODS = {"tanh", "sigmoid", "relu", "softmax", "rsqrt", "exp", "pow", "erf"}
 
 def _val(node):
@@ -112,25 +99,25 @@ def _arg(node: torch.fx.Node, index: int, name: str, default=None):
 def match(node: torch.fx.Node):
     """(kind, x, weight, bias) for a linear-like node, else None. Does not check the weight."""
     if node.op == "call_function" and node.target in _LINEAR:
-        return "linear", _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        return kinds.LINEAR, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
     if node.op == "call_function" and node.target in _ADDMM:
         if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
-            return "unsupported", None, None, None
-        return "addmm", _arg(node, 1, "mat1"), _arg(node, 2, "mat2"), _arg(node, 0, "input")
+            return kinds.UNSUPPORTED, None, None, None
+        return kinds.ADDMM, _arg(node, 1, "mat1"), _arg(node, 2, "mat2"), _arg(node, 0, "input")
     if (node.op == "call_function" and node.target in _MATMUL) or (
         node.op == "call_method" and node.target in _MATMUL_METHODS
     ):
-        return "matmul", node.args[0], node.args[1], None
+        return kinds.MATMUL, node.args[0], node.args[1], None
     return None
 
 
 def _classify_other(node: torch.fx.Node) -> str | None:
     if node.op == "call_function" and node.target in _ATTENTION:
-        return "attention"
+        return kinds.ATTENTION
     if (node.op == "call_function" and node.target in _NONLINEAR) or (
         node.op == "call_method" and node.target in _NONLINEAR_METHODS
     ):
-        return "nonlinear"
+        return kinds.NONLINEAR
     return None
 
 
@@ -179,50 +166,50 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         kind, x, weight, bias = m
         site = Site(node=node.name, kind=kind)
         sites.append(site)
-        if kind == "unsupported":
-            site.reason = "unsupported pattern"
+        if kind == kinds.UNSUPPORTED:
+            site.reason = kinds.UNSUPPORTED_PATTERN
             continue
         if not _is_trained_weight(weight):
             # A parameter on the left of a matmul is a pattern this pass does not rewrite.
             site.reason = (
-                "unsupported pattern" if kind == "matmul" and _is_trained_weight(x)
-                else "no trainable weight"
+                kinds.UNSUPPORTED_PATTERN if kind == kinds.MATMUL and _is_trained_weight(x)
+                else kinds.NO_TRAINABLE_WEIGHT
             )
             continue
         x_val = _val(x)
         if not isinstance(x_val, torch.Tensor) or x_val.dim() < 2 or not x_val.is_floating_point():
-            site.reason = "unsupported pattern"
+            site.reason = kinds.UNSUPPORTED_PATTERN
             continue
         if bias is not None and not isinstance(bias, torch.fx.Node):
-            site.reason = "unsupported pattern"
+            site.reason = kinds.UNSUPPORTED_PATTERN
             continue
         w_val = _val(weight)
         site.weight = parameter_path(weight) or weight.name
         site.module = module_path(node) or (
             site.weight.rsplit(".", 1)[0] if "." in site.weight else site.weight)
         site.input_node = x.name
-        site.n, site.m = (w_val.shape[1], w_val.shape[0]) if kind == "linear" else tuple(w_val.shape)
+        site.n, site.m = (w_val.shape[1], w_val.shape[0]) if kind == kinds.LINEAR else tuple(w_val.shape)
         site.n, site.m = int(site.n), int(site.m)
         if policy.is_head(site.module):
-            site.reason = "output head"
+            site.reason = kinds.OUTPUT_HEAD
             continue
         if not policy.include(site.module):
-            site.reason = "filtered"
+            site.reason = kinds.FILTERED
             continue
         ranks = policy.ranks(site.n)
         if ranks is None:
-            site.reason = "too narrow for the rank"
+            site.reason = kinds.TOO_NARROW
             continue
         rows, rank = _rows(x_val), ranks[0] + ranks[1]
         if rows is not None and rank < site.n and rank * (rows + site.n) >= rows * site.n:
             # The factored weight gradient costs r (N + n) m flops against N n m for the exact
             # one, and the copy saves (n - r) N elements: with this few rows (a pooled or
             # classifier input of one vector per sample) compressing gains nothing and adds noise.
-            site.reason = "too few rows to gain"
+            site.reason = kinds.TOO_FEW_ROWS
             continue
         site.r1, site.r2 = ranks
         site.reason = None
-        site.status = "candidate"
+        site.status = kinds.CANDIDATE
         result.sites_matched += 1
     state.sites = sites
     skipped = {}

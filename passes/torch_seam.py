@@ -1,12 +1,30 @@
 """The one place that touches torch's private APIs.
 
-Checked on torch 2.13.0. When torch changes, this file changes and the suite says whether the
-rest still holds. Everything here is a thin, named wrapper, so that a reader sees which internal
-each caller depends on.
+Checked on torch 2.13.0 (``CHECKED_ON``; ``pyproject.toml`` pins it). When torch changes, this
+file changes and the suite says whether the rest still holds. Everything here is a thin, named
+wrapper, so that a reader sees which internal each caller depends on. Where a public API exists
+the project uses it directly instead (``torch.compiler.reset``, ``torch.compiler.list_backends``).
+
+What the project relies on, by area:
+
+- Dynamo's graph: a placeholder's source object (``node._dynamo_source``) and the real tensor it
+  was traced from (``node.meta["grapharg"]``); the calling module of a node as Dynamo prints it
+  (``node.meta["nn_module_stack"]``, parsed in ``paths.py`` only); the source classes
+  (``torch._dynamo.source``); the backend registry.
+- Fake tensors: the tracing context's fake mode (``torch._guards``), ``FakeTensor``.
+- FX: a graph's code generator (``graph._codegen``, copied with a graph); the grad-mode switch
+  Dynamo records as ``torch._C._set_grad_enabled``; the ``torch._C._nn`` functions Dynamo
+  records for ``F.linear`` / ``F.gelu`` / ``F.silu``; the aten attention ops.
+- Compilers: Inductor (``compile_fx`` with an ``inner_compile``), AOTAutograd without Inductor
+  (``aot_autograd`` + ``boxed_nop``), the AOTAutograd cache and the partitioner's memory budget
+  (``torch._functorch.config``).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.fx
 
 CHECKED_ON = "2.13.0"
 
@@ -38,6 +56,181 @@ def source_step(source) -> str | None:
         index = source.index
         return str(index) if isinstance(index, (str, int)) else None
     return None
+
+
+# -- Dynamo graph nodes ----------------------------------------------------------------------------
+def node_source(node: torch.fx.Node):
+    """The source object Dynamo gave a placeholder (None for inputs a pass added)."""
+    return getattr(node, "_dynamo_source", None)
+
+
+def set_node_source(node: torch.fx.Node, source) -> None:
+    """Set a placeholder's source: Dynamo reads it from every placeholder of the graph a backend
+    compiles, so a placeholder a pass adds needs one (None: not a frame input)."""
+    node._dynamo_source = source
+
+
+def traced_tensor(node: torch.fx.Node) -> torch.Tensor | None:
+    """The real tensor Dynamo traced a graph input with (its parameter), when it recorded one."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return None
+    try:
+        example = grapharg.example
+    except AssertionError:  # the weak reference to the tensor died (2.13 asserts)
+        return None
+    return example if isinstance(example, torch.Tensor) else None
+
+
+def innermost_module(node: torch.fx.Node) -> str | None:
+    """The source string of the module whose forward made ``node`` (``"L['self'].model.lm_head"``),
+    as Dynamo keeps it in ``nn_module_stack``; None outside any module."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return str(list(stack.values())[-1][0])
+
+
+# -- FX ----------------------------------------------------------------------------------------------
+def copy_codegen(source: torch.fx.Graph, target: torch.fx.Graph) -> None:
+    """Give ``target`` a copy of ``source``'s code generator (Dynamo's graphs carry their own,
+    which the copy must keep to print and run the same)."""
+    import copy
+
+    target._codegen = copy.deepcopy(source._codegen)
+
+
+GRAD_MODE_FNS = frozenset({torch._C._set_grad_enabled})  # how Dynamo records torch.no_grad()
+LINEAR_FNS = frozenset({torch._C._nn.linear, torch.nn.functional.linear})
+C_NN_NONLINEAR_FNS = frozenset({torch._C._nn.gelu, torch._C._nn.silu})
+
+
+def attention_ops() -> frozenset:
+    """The scaled-dot-product attention functions and aten ops this torch build has."""
+    ops = {torch.nn.functional.scaled_dot_product_attention}
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    ):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            ops.add(op)
+            ops.add(op.default)
+    return frozenset(ops)
+
+
+# -- fake tensors ------------------------------------------------------------------------------------
+def is_fake(value) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
+def fake_mode(gm: torch.fx.GraphModule):
+    """The fake mode AOTAutograd will trace ``gm`` in: the tracing context's, else the one of the
+    graph's example inputs; None when there is neither."""
+    from torch._guards import TracingContext, detect_fake_mode
+
+    context = TracingContext.try_get()
+    if context is not None and context.fake_mode is not None:
+        return context.fake_mode
+    vals = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+# -- compilers ---------------------------------------------------------------------------------------
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs: list,
+                     inner_compile: Callable | None = None,
+                     config_patches: dict | None = None) -> Callable:
+    """Inductor on a Dynamo graph, as ``backend="inductor"`` does; ``inner_compile`` wraps
+    ``compile_fx_inner`` (it sees each partitioned forward and backward graph first);
+    ``config_patches`` are Inductor settings in force for this compile only."""
+    from torch._inductor.compile_fx import compile_fx
+
+    kwargs = {"config_patches": config_patches} if config_patches else {}
+    if inner_compile is not None:
+        kwargs["inner_compile"] = inner_compile
+    return compile_fx(gm, list(example_inputs), **kwargs)
+
+
+def inductor_mode_options(mode: str) -> dict:
+    """The Inductor settings a ``torch.compile`` mode stands for; RuntimeError for an unknown
+    mode (public: ``torch._inductor.list_mode_options``)."""
+    import torch._inductor
+
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def inductor_settings() -> dict:
+    """Every Inductor setting and its current value (``torch._inductor.config``)."""
+    from torch._inductor import config
+
+    return config.get_config_copy()
+
+
+def is_dynamo_control_flow(err: BaseException) -> bool:
+    """Dynamo signals with exceptions: a restart of its analysis (``RestartAnalysis`` and its
+    subclasses, e.g. ``TensorifyScalarRestartAnalysis`` under ``dynamic=True``), a frame to skip,
+    a graph break, a reset. Those must reach Dynamo untouched; only the wrappers Dynamo puts
+    around a genuine failure count as a failure."""
+    from torch._dynamo import exc
+
+    failures = (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.TorchRuntimeError)
+    return isinstance(err, exc.TorchDynamoException) and not isinstance(err, failures)
+
+
+def inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs, *args, **kwargs):
+    """Inductor's compiler for one partitioned graph (``kwargs["is_backward"]`` says which)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    return compile_fx_inner(gm, example_inputs, *args, **kwargs)
+
+
+def aot_eager(gm: torch.fx.GraphModule, example_inputs: list,
+              see: Callable[[torch.fx.GraphModule, bool], None]) -> Callable:
+    """AOTAutograd without Inductor: the partitioned graphs run as FX code; ``see(graph,
+    is_backward)`` is called with each first."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    def forward(g, ex):
+        see(g, False)
+        return boxed_nop(g, ex)
+
+    def backward(g, ex):
+        see(g, True)
+        return boxed_nop(g, ex)
+
+    return aot_autograd(fw_compiler=forward, bw_compiler=backward)(gm, list(example_inputs))
+
+
+def autograd_cache_disabled():
+    """A context without AOTAutograd's cache (a hit skips the compilers that record graphs)."""
+    return torch._functorch.config.patch(enable_autograd_cache=False)
+
+
+def activation_memory_budget(budget: float):
+    """A context in which the min-cut partitioner keeps saved activations within ``budget``
+    (a fraction of what it would save, 0 = recompute everything)."""
+    return torch._functorch.config.patch(activation_memory_budget=budget)
+
+
+# -- the backend registry ----------------------------------------------------------------------------
+def register_backend(name: str, compiler_fn: Callable) -> bool:
+    """Register ``compiler_fn`` as ``torch.compile(backend=name)`` unless the name is known.
+
+    A name is known when a backend was registered under it or an installed package declares it
+    in the ``torch_dynamo_backends`` entry-point group (the registry loads that one at first
+    use): ``torch.compiler.list_backends`` lists both. Returns whether it registered."""
+    if name in torch.compiler.list_backends(exclude_tags=()):
+        return False
+    from torch._dynamo import register_backend as register
+
+    register(compiler_fn=compiler_fn, name=name)
+    return True
 
 
 # -- activation checkpointing under Dynamo ---------------------------------------------------------

@@ -13,10 +13,11 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    """``backend="prac"``: an installed prac_fx declares it as an entry point (the registry loads
+    it at first use); a checkout on ``sys.path`` without the install registers it here."""
+    from prac_fx.passes import torch_seam
 
-    if "prac" not in _BACKENDS or _BACKENDS["prac"] is None:
-        register_backend(name="prac", compiler_fn=prac_backend)
+    torch_seam.register_backend("prac", prac_backend)
 
 
 _register()

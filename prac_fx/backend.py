@@ -18,53 +18,35 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
-import passes
-from passes import probe as probe_graph
-from passes.sites import CHECKPOINTED, SELECTIVE, match
+from prac_fx import passes
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
+from prac_fx.passes import kinds, torch_seam
+from prac_fx.passes import probe as probe_graph
+from prac_fx.passes.graph_state import GraphState
+from prac_fx.passes.sites import match
 from prac_fx.report import GraphRecord, Report
 from prac_fx.runner import PracRunner
 
 log = logging.getLogger("prac_fx")
 
 
-def _real_tensor(node: torch.fx.Node) -> torch.Tensor | None:
-    """The real tensor Dynamo traced a graph input with (its parameter), when it recorded one."""
-    grapharg = node.meta.get("grapharg")
-    try:
-        example = grapharg.example if grapharg is not None else None
-    except Exception:  # the weak reference died
-        return None
-    return example if isinstance(example, torch.Tensor) else None
-
-
-def _inductor(gm, example_inputs, inner_compile=None, config_patches=None):
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-    return compile_fx(gm, list(example_inputs), inner_compile=inner_compile or compile_fx_inner,
-                      config_patches=config_patches or None)
-
-
 def inductor_patches(mode: str | None = None, options: dict | None = None) -> dict:
     """The Inductor configuration ``torch.compile(mode=..., options=...)`` would apply, checked
     the way ``torch.compile`` checks it: a mode Inductor knows, option names it has (``-`` or
     ``_``), values of the declared type. Raises ValueError otherwise."""
-    import torch._inductor as inductor
-    from torch._inductor import config
-
     if mode is not None and options is not None:
         raise ValueError("give mode= or options=, not both (as torch.compile requires)")
     patches: dict = {}
     if mode not in (None, "default"):
         try:
-            patches.update(inductor.list_mode_options(mode))
+            patches.update(torch_seam.inductor_mode_options(mode))
         except RuntimeError as err:
             raise ValueError(f"unknown compile mode {mode!r}: {err}") from None
     if options is not None:
         if not isinstance(options, dict):
             raise ValueError(f"options must be a dict of Inductor settings, got {options!r}")
-        current = config.get_config_copy()
+        current = torch_seam.inductor_settings()
         for key, value in options.items():
             name = str(key).replace("-", "_")
             if name not in current:
@@ -78,15 +60,14 @@ def inductor_patches(mode: str | None = None, options: dict | None = None) -> di
     return patches
 
 
-def _is_dynamo_control_flow(err: BaseException) -> bool:
-    """Dynamo signals with exceptions: a restart of its analysis (``RestartAnalysis`` and its
-    subclasses, e.g. ``TensorifyScalarRestartAnalysis`` under ``dynamic=True``), a frame to skip,
-    a graph break, a reset. Those must reach Dynamo untouched; only the wrappers Dynamo puts
-    around a genuine failure count as a failure of the rewrite."""
-    from torch._dynamo import exc
+@dataclasses.dataclass
+class _Plan:
+    """A rewritten graph ready to compile: nothing outside it has changed yet."""
 
-    failures = (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.TorchRuntimeError)
-    return isinstance(err, exc.TorchDynamoException) and not isinstance(err, failures)
+    work: torch.fx.GraphModule  # the rewritten copy of the Dynamo graph
+    state: GraphState  # sites, groups and pass results
+    devices: list[torch.device]  # per group: the device of its input (and basis)
+    examples: list  # the example values of the inputs the rewrite appended (bases, draws, stats)
 
 
 class PracBackend:
@@ -113,8 +94,13 @@ class PracBackend:
     # -- the backend protocol -------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence, *,
                  mode: str | None = None, options: dict | None = None) -> Callable:
-        """Dynamo calls this with ``mode=``/``options=`` when ``torch.compile`` was given them:
-        they apply to Inductor as they would to ``backend="inductor"``."""
+        """Plan (run the passes on a copy: no side effects), compile (with the fallback to the
+        unchanged graph), bind (claim store keys and register the bases, only once the
+        rewritten graph compiled) and return the runner.
+
+        Dynamo passes ``mode=``/``options=`` when ``torch.compile`` was given them: they apply to
+        Inductor as they would to ``backend="inductor"``. Dynamo's own control-flow exceptions
+        (a restart of its analysis) pass through, and the abandoned attempt leaves no record."""
         patches = inductor_patches(mode, options)
         if patches and self.compiler != "inductor":
             raise ValueError(f"mode={mode!r} / options={options!r} configure Inductor; this "
@@ -124,7 +110,7 @@ class PracBackend:
         try:
             return self._build(gm, example_inputs, record, patches)
         except Exception as err:
-            if _is_dynamo_control_flow(err):  # Dynamo will call again: this attempt never ran
+            if torch_seam.is_dynamo_control_flow(err):  # Dynamo will call again
                 self.graphs.remove(record)
             raise
 
@@ -134,42 +120,59 @@ class PracBackend:
         if not record.training or not self.rewrite:
             record.note = "grad disabled: compiled unchanged" if self.rewrite else "baseline"
             return self._compile(gm, example_inputs, record, patches)
+        plan = self._plan(gm, record)
+        if plan is None:
+            return self._compile(gm, example_inputs, record, patches)
+        try:
+            compiled = self._compile(plan.work, [*example_inputs, *plan.examples], record, patches)
+        except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
+            if torch_seam.is_dynamo_control_flow(err):
+                raise
+            first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is a traceback
+            log.warning("prac_fx: graph %d: the rewritten graph failed to compile (%s: %s); "
+                        "compiled unchanged", record.index, type(err).__name__, first_line)
+            # as when the passes fail: the record lists no sites, its note says why
+            record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
+            record.sites, record.groups, record.rewritten_code, record.tags = [], [], "", {}
+            record.placement.clear()
+            return self._compile(gm, example_inputs, record, patches)
+        return self._bind(gm, plan, compiled, record)
+
+    def _plan(self, gm: torch.fx.GraphModule, record: GraphRecord) -> _Plan | None:
+        """Run the passes on a copy of ``gm`` and fill ``record``; None when nothing is to be
+        rewritten (the record's note says why). Touches neither ``gm`` nor the store."""
         try:
             work = probe_graph.clone(gm)
             state = passes.run(work, self.config)
         except Exception as err:  # never stop training on a graph the passes cannot handle
-            if _is_dynamo_control_flow(err):
+            if torch_seam.is_dynamo_control_flow(err):
                 raise
             log.warning("prac_fx: graph %d left unchanged (%s: %s)", record.index, type(err).__name__, err)
             record.note = f"fallback: {type(err).__name__}: {err}"
-            return self._compile(gm, example_inputs, record, patches)
+            return None
         record.sites, record.groups, record.passes = state.sites, state.groups, state.results
         log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
                  record.index, record.matched, record.rewritten, len(state.groups))
         for site in state.sites:  # once per module and backend, not once per recompile
-            if site.reason == "too narrow for the rank" and site.module not in self._narrow:
+            if site.reason == kinds.TOO_NARROW and site.module not in self._narrow:
                 self._narrow.add(site.module)
                 log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
                             "nothing compressed there", site.module, site.n, self.config.rank)
         if not state.groups:
             checkpointed = sorted({s.reason for s in state.sites
-                                   if s.reason in (CHECKPOINTED, SELECTIVE)})
+                                   if s.reason in (kinds.CHECKPOINTED, kinds.SELECTIVE)})
             record.note = "; ".join(checkpointed) or "no linear site to compress"
             if checkpointed:
                 log.info("prac_fx: graph %d: %s", record.index, record.note)
-            return self._compile(gm, example_inputs, record, patches)
+            return None
         record.rewritten_code = work.print_readable(print_output=False, include_stride=False,
                                                     include_device=False)
-
-        devices = []
+        record.tags = {n.name: dict(n.meta[kinds.TAG]) for n in work.graph.nodes if kinds.TAG in n.meta}
         by_name = {n.name: n for n in gm.graph.nodes}
-        names = [g.key for g in state.groups]  # before each weight claims its own key
-        owner_args = self._claim(gm, state)
+        devices = []
         for group in state.groups:
             val = by_name[group.input_node].meta.get("example_value")
-            device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
-            devices.append(device)
-            self.store.register(group.key, group.n, group.r1, group.r2, device)
+            devices.append(val.device if isinstance(val, torch.Tensor) else torch.device("cpu"))
         # The bases' example values are the static fake tensors the rewrite gave their
         # placeholders: a real tensor here would be fakeified with symbolic sizes.
         work_nodes = {n.name: n for n in work.graph.nodes}
@@ -178,24 +181,26 @@ class PracBackend:
         extra.append(state.stats_placeholder)
         examples = [work_nodes[name].meta.get("example_value") for name in extra]
         if any(e is None for e in examples):
-            examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
+            examples = [g.spec.zeros(d) for g, d in zip(state.groups, devices)]
             examples += [torch.zeros(g.n, g.r2, device=d) for g, d in zip(state.groups, devices)
                          if g.omega_placeholder]
             examples.append(torch.zeros(sum(len(g.sites) for g in state.groups), 2,
                                         device=devices[0], requires_grad=True))
-        try:
-            compiled = self._compile(work, [*example_inputs, *examples], record, patches)
-        except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
-            if _is_dynamo_control_flow(err):
-                raise
-            first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is a traceback
-            log.warning("prac_fx: graph %d: the rewritten graph failed to compile (%s: %s); "
-                        "compiled unchanged", record.index, type(err).__name__, first_line)
-            # as when the passes fail: the record lists no sites, its note says why
-            record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
-            record.sites, record.groups, record.rewritten_code = [], [], ""
-            record.placement.clear()
-            return self._compile(gm, example_inputs, record, patches)
+        return _Plan(work, state, devices, examples)
+
+    def _bind(self, gm: torch.fx.GraphModule, plan: _Plan, compiled: Callable,
+              record: GraphRecord) -> PracRunner:
+        """Give the compiled graph its bases: claim each group's store key, register the
+        groups, build the probe, and return the runner."""
+        state = plan.state
+        names = [g.key for g in state.groups]  # before each weight claims its own key
+        owner_args = self._claim(gm, state)
+        # the partitioned graphs were recorded under the names; the report reads the keys
+        placement = dict(record.placement)
+        record.placement = {g.key: placement[name] for name, g in zip(names, state.groups)
+                            if name in placement}
+        for group, device in zip(state.groups, plan.devices):
+            self.store.register(group.key, group.spec, device)
         probe = None
         if any(g.r1 > 0 for g in state.groups):
             try:
@@ -204,8 +209,8 @@ class PracBackend:
                 log.warning("prac_fx: graph %d: no activation probe (%s); principal bases stay "
                             "random orthonormal, which keeps gradients unbiased", record.index, err)
                 record.note = f"no probe: {err}"
-        runner = PracRunner(compiled, probe, state.groups, self.store, sorted(set(devices), key=str),
-                            owner_args, names)
+        runner = PracRunner(compiled, probe, state.groups, self.store,
+                            sorted(set(plan.devices), key=str), owner_args, names)
         self._runners.append(weakref.ref(runner))
         return runner
 
@@ -223,7 +228,7 @@ class PracBackend:
             weight = match(by_name[group.sites[0]])[2]
             index = placeholders.index(weight) if weight in placeholders else None
             owner_args.append(index)
-            key = self.store.claim(group.key, _real_tensor(weight))
+            key = self.store.claim(group.key, torch_seam.traced_tensor(weight))
             if key != group.key:
                 for name in group.sites:
                     sites[name].group = key
@@ -232,24 +237,13 @@ class PracBackend:
 
     def _compile(self, gm, example_inputs, record: GraphRecord, patches: dict | None = None):
         if self.compiler == "eager":
-            from torch._dynamo.backends.common import aot_autograd
-            from torch._dynamo.backends.debugging import boxed_nop
-
-            def keep(g, ex, is_backward=False):
-                record.capture(g, is_backward)
-                return boxed_nop(g, ex)
-
-            fw = lambda g, ex: keep(g, ex, False)  # noqa: E731
-            bw = lambda g, ex: keep(g, ex, True)  # noqa: E731
-            return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, list(example_inputs))
-
-        from torch._inductor.compile_fx import compile_fx_inner
+            return torch_seam.aot_eager(gm, example_inputs, record.capture)
 
         def inner(g, ex, *args, **kwargs):
             record.capture(g, kwargs.get("is_backward", False))
-            return compile_fx_inner(g, ex, *args, **kwargs)
+            return torch_seam.inductor_inner_compile(g, ex, *args, **kwargs)
 
-        return _inductor(gm, example_inputs, inner, patches)
+        return torch_seam.inductor_compile(gm, example_inputs, inner, patches)
 
     # -- introspection --------------------------------------------------------------------------
     def report(self) -> Report:
@@ -294,7 +288,8 @@ def backend(*, rank: int | float = 0.25, compiler: str = "inductor", **options) 
     """A PRAC torch.compile backend: ``torch.compile(model, backend=prac_fx.backend(rank=0.25))``.
 
     Keyword arguments are the fields of ``PracConfig`` (``rank``, ``split``, ``refresh_every``,
-    ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``, ``exact_heads``);
+    ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``, ``exact_heads``,
+    ``subspace_iters``);
     ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
     debugging).
     """

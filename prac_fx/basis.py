@@ -24,15 +24,14 @@ import weakref
 import torch
 
 from prac_fx.config import PracConfig
+from prac_fx.passes.graph_state import BasisSpec
 
 log = logging.getLogger("prac_fx")
 
 
 @dataclasses.dataclass
 class GroupBasis:
-    n: int
-    r1: int
-    r2: int
+    spec: BasisSpec
     device: torch.device
     q1: torch.Tensor | None = None  # (n, r1) float32, on CPU
     q2: torch.Tensor | None = None  # (n, r2) float32, on CPU
@@ -44,6 +43,18 @@ class GroupBasis:
     q1_in_basis: bool = False  # Q1 is the first r1 columns of ``basis`` (set by ``follow``)
     # (sites, 2) float32 on ``device``: moving averages of each site's [||A1||^2, ||A2||^2]
     stats: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.spec.n
+
+    @property
+    def r1(self) -> int:
+        return self.spec.r1
+
+    @property
+    def r2(self) -> int:
+        return self.spec.r2
 
 
 STATE_VERSION = 2  # 2: keys name modules as the model does, whatever Dynamo called its root
@@ -101,18 +112,18 @@ class BasisStore:
                 return name
             index += 1
 
-    def register(self, key: str, n: int, r1: int, r2: int, device) -> GroupBasis:
+    def register(self, key: str, spec: BasisSpec, device) -> GroupBasis:
         self._ensure_seeded()  # the first compile: the process group, if any, exists by now
         device = torch.device(device)
         group = self.groups.get(key)
         if group is None and self._legacy.get(key) in self.groups:
             group = self.groups[key] = self.groups.pop(self._legacy.pop(key))
         if group is None:
-            group = self.groups[key] = GroupBasis(n, r1, r2, device)
-        elif (group.n, group.r1, group.r2) != (n, r1, r2):
+            group = self.groups[key] = GroupBasis(spec, device)
+        elif group.spec != spec:
             raise ValueError(
                 f"group {key!r} was registered with (n, r1, r2) = {(group.n, group.r1, group.r2)} "
-                f"and is now seen with {(n, r1, r2)}"
+                f"and is now seen with {(spec.n, spec.r1, spec.r2)}"
             )
         elif group.device != device:  # loaded from a checkpoint before the graph was compiled
             group.device = device
@@ -301,7 +312,7 @@ class BasisStore:
                 key = self._legacy_key(saved_key)
             g = self.groups.get(key)
             device = g.device if g is not None else torch.device("cpu")
-            g = self.groups[key] = GroupBasis(s["n"], s["r1"], s["r2"], device)
+            g = self.groups[key] = GroupBasis(BasisSpec(s["n"], s["r1"], s["r2"]), device)
             g.calls, g.refreshes, g.resamples = s["calls"], s["refreshes"], s["resamples"]
             g.q1, g.q2 = s["q1"], s["q2"]
             g.basis = None if s["basis"] is None else s["basis"].to(device).contiguous()

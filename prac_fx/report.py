@@ -13,7 +13,8 @@ import dataclasses
 import torch
 import torch.fx
 
-from passes.graph_state import Group, PassResult, Site
+from prac_fx.passes import kinds
+from prac_fx.passes.graph_state import Group, PassResult, Site
 
 _CASTS = {"convert_element_type", "_to_copy", "to"}
 _VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "alias"}
@@ -93,6 +94,7 @@ class GraphRecord:
     note: str = ""
     dynamo_code: str = ""  # the Dynamo graph as the backend received it
     rewritten_code: str = ""  # the same graph after the passes ("" when unchanged)
+    tags: dict[str, dict] = dataclasses.field(default_factory=dict)  # its nodes' meta["prac"]
     forward_code: str = ""
     backward_code: str = ""
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # group key -> status
@@ -101,11 +103,11 @@ class GraphRecord:
 
     @property
     def matched(self) -> int:
-        return sum(1 for s in self.sites if s.kind in ("linear", "addmm", "matmul") and s.weight)
+        return sum(1 for s in self.sites if s.kind in kinds.LINEAR_KINDS and s.weight)
 
     @property
     def rewritten(self) -> int:
-        return sum(1 for s in self.sites if s.status == "rewritten")
+        return sum(1 for s in self.sites if s.status == kinds.REWRITTEN)
 
     def capture(self, gm: torch.fx.GraphModule, is_backward: bool) -> None:
         code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
@@ -142,7 +144,7 @@ class Report:
         rows = []
         for g in self.graphs:
             for s in g.sites:
-                if s.status != "rewritten" and not include_skipped:
+                if s.status != kinds.REWRITTEN and not include_skipped:
                     continue
                 rows.append({
                     "graph": g.index,
@@ -151,9 +153,9 @@ class Report:
                     "module": s.module,
                     "group": s.group or "",
                     "n": s.n,
-                    "r1": s.r1 if s.status == "rewritten" else None,
-                    "r2": s.r2 if s.status == "rewritten" else None,
-                    "status": s.status if s.status == "rewritten" else f"skipped: {s.reason}",
+                    "r1": s.r1 if s.status == kinds.REWRITTEN else None,
+                    "r2": s.r2 if s.status == kinds.REWRITTEN else None,
+                    "status": s.status if s.status == kinds.REWRITTEN else f"skipped: {s.reason}",
                     "compressed copy": g.placement.get(s.group, "") if s.group else "",
                     "rel. variance": self._variance(g, s),
                 })
@@ -161,13 +163,20 @@ class Report:
 
     def _variance(self, record: GraphRecord, site: Site) -> float | None:
         """The running estimate of the site's relative weight-gradient variance, or None."""
-        if self.store is None or site.status != "rewritten" or not site.group:
+        if self.store is None or site.status != kinds.REWRITTEN or not site.group:
             return None
         group = next((g for g in record.groups if g.key == site.group), None)
         if group is None or site.node not in group.sites:
             return None
         value = self.store.running_variance(site.group, group.sites.index(site.node))
         return None if value is None else round(value, 4)
+
+    def pass_rows(self) -> list[dict]:
+        """What each pass did to each graph, in pipeline order (``PassResult``)."""
+        return [{"graph": g.index, "pass": r.name, "nodes created": r.nodes_created,
+                 "nodes erased": r.nodes_erased, "sites matched": r.sites_matched,
+                 "notes": "; ".join(r.notes)}
+                for g in self.graphs for r in g.passes]
 
     def table(self, include_skipped: bool = False) -> str:
         from tabulate import tabulate

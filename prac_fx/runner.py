@@ -25,10 +25,10 @@ import weakref
 from typing import Callable, Sequence
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
-from passes.graph_state import Group
 from prac_fx.basis import BasisStore
+from prac_fx.passes import torch_seam
+from prac_fx.passes.graph_state import Group
 
 log = logging.getLogger("prac_fx")
 
@@ -48,9 +48,9 @@ class PracRunner:
         self.probe = probe
         self.groups = list(groups)
         self.keys = [g.key for g in self.groups]  # the keys of the instance it was compiled for
+        self.specs = [g.spec for g in self.groups]  # what each basis must be
         self.store = store
         self.cuda_devices = [d for d in devices if d.type == "cuda"]
-        self.calls = 0
         # per group: the position in the arguments of the weight that owns its basis (None: unknown)
         self.owner_args = list(owner_args) if owner_args is not None else [None] * len(self.groups)
         # per group: the name its weights claim a key under (the key before ``BasisStore.claim``)
@@ -74,7 +74,7 @@ class PracRunner:
         for group, name, owner in zip(self.groups, self.names, owners):
             key = self.store.claim(name, owner)
             device = self.store.groups[group.key].device
-            self.store.register(key, group.n, group.r1, group.r2, device)
+            self.store.register(key, group.spec, device)
             keys.append(key)
         self._bound[ident] = ([None if o is None else weakref.ref(o) for o in owners], keys)
         return keys
@@ -125,8 +125,7 @@ class PracRunner:
         for group, key in zip(self.groups, self.keys):
             basis = self.store.basis(key)
             if basis is None:  # under the caller's fake mode this makes a fake tensor
-                device = self.store.groups[key].device
-                basis = torch.zeros(group.n, group.rank, dtype=torch.float32, device=device)
+                basis = group.spec.zeros(self.store.groups[key].device)
             bases.append(basis)
         omegas = []
         for group, key in zip(self.groups, self.keys):
@@ -146,7 +145,7 @@ class PracRunner:
         return type(out)(out[:-self.followed]), list(out[-self.followed:])
 
     def __call__(self, *args):
-        if any(isinstance(a, FakeTensor) for a in args):
+        if any(torch_seam.is_fake(a) for a in args):
             return self._shape_only(args)
         store = self.store
         keys = self._keys(args)
@@ -171,6 +170,8 @@ class PracRunner:
                     store.resample(key)
                     bases[self.groups.index(group)] = store.basis(key)
                 omegas.append(store.groups[key].omega)
+        for spec, key, basis in zip(self.specs, keys, bases):
+            spec.check(basis, key)
         stats = self._stats(bases[0].device, training)
         out, followed = self._split(call_compiled(self.compiled, [*args, *bases, *omegas, stats]))
         if training:
@@ -180,5 +181,4 @@ class PracRunner:
             self._pending.append((stats, keys))
             for key in keys:
                 store.advance(key)
-            self.calls += 1
         return out

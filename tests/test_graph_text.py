@@ -1,5 +1,5 @@
 """Normalising and aligning printed graphs: no compilation, pure text."""
-from prac_fx import graph_text
+from prac_fx.diff import graph_text
 
 BEFORE = '''class GraphModule(torch.nn.Module):
     def forward(self, primals_1: "f32[4, 8]", primals_2: "f32[8, 8]"):

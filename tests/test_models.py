@@ -5,7 +5,7 @@ import torch._dynamo
 
 import prac_fx
 from conftest import rel_err
-from prac_fx import memory, models
+from prac_fx.diff import memory, models
 
 SIZE = dict(layers=2, width=64, seq=32, vocab=128)
 BATCH = 2

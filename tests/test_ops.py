@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from passes.ops import CompressedLinear, compress
+from prac_fx.passes.ops import CompressedLinear, compress
 
 
 def _orthonormal(n, r, seed=0):

@@ -11,8 +11,8 @@ import torch
 import torch._dynamo
 
 import prac_fx
-from passes.paths import path_from_text, tokens
-from prac_fx import models
+from prac_fx.passes.paths import path_from_text, tokens
+from prac_fx.diff import models
 
 # -- the string rule --------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import torch
 import torch._dynamo
 
 import prac_fx
-from prac_fx import models
+from prac_fx.diff import models
+from prac_fx.passes.graph_state import BasisSpec
 
 OPTIONS = dict(rank=8, refresh_every=3, resample_every=2, seed=5)
 N_STEPS, M_STEPS = 4, 5
@@ -193,11 +194,11 @@ def test_state_loaded_before_compile_moves_to_the_graphs_device():
     from prac_fx.basis import BasisStore
 
     source = BasisStore(prac_fx.PracConfig(rank=8))
-    source.register("g", 16, 4, 4, "cpu")
+    source.register("g", BasisSpec(16, 4, 4), "cpu")
     source.refresh("g", torch.diag(torch.arange(16.0)))
     target = BasisStore(prac_fx.PracConfig(rank=8))
     target.load_state_dict(source.state_dict())
-    group = target.register("g", 16, 4, 4, "meta")  # the first compile sees the activation's device
+    group = target.register("g", BasisSpec(16, 4, 4), "meta")  # the first compile sees the activation's device
     assert group.basis.device.type == "meta" and group.basis.shape == (16, 8)
     assert torch.equal(group.q1, source.groups["g"].q1)  # Q1, Q2 stay on the CPU
     target.resample("g")  # later draws land on the graph's device too
@@ -219,7 +220,7 @@ def test_rank_seeds_and_loading_another_ranks_state(monkeypatch, caplog):
     for rank in (0, 1):
         _fake_rank(monkeypatch, rank)
         store = BasisStore(prac_fx.PracConfig(rank=8, seed=3))
-        store.register("g", 16, 0, 8, "cpu")  # the rank is read at the first register
+        store.register("g", BasisSpec(16, 0, 8), "cpu")  # the rank is read at the first register
         store.resample("g")
         assert store.seed == 3 + RANK_STRIDE * rank
         states.append(store.state_dict())

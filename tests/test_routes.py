@@ -13,8 +13,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import prac_fx
 from conftest import rel_err
-from passes.sites import CHECKPOINTED, SELECTIVE
-from prac_fx import models
+from prac_fx.passes.kinds import CHECKPOINTED, SELECTIVE
+from prac_fx.diff import models
 from prac_fx.config import PracConfig
 from toys import MLP
 
@@ -322,7 +322,8 @@ def checkpointed_mlp(batch=None, seq=None):
 
 
 def test_diff_names_the_checkpoint_reason():
-    from prac_fx import diff, workload
+    from prac_fx import diff
+    from prac_fx.diff import workload
 
     work = workload.load(f"{__file__}:checkpointed_mlp")
     with diff.quiet_logs():

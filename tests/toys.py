@@ -50,3 +50,47 @@ def run_workers(script: str, world: int, tmp_path, timeout: float = 240) -> list
             raise
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     return [torch.load(o) for o in outs]
+
+
+class Attention(torch.nn.Module):
+    """q/k/v read one input (one group), SDPA between, an output projection, a GELU MLP and an
+    ``lm_head`` (an output head: exact by default)."""
+
+    def __init__(self, n=32, heads=2, vocab=24):
+        super().__init__()
+        self.heads = heads
+        self.q = torch.nn.Linear(n, n)
+        self.k = torch.nn.Linear(n, n)
+        self.v = torch.nn.Linear(n, n)
+        self.out = torch.nn.Linear(n, n)
+        self.up = torch.nn.Linear(n, 2 * n)
+        self.down = torch.nn.Linear(2 * n, n)
+        self.lm_head = torch.nn.Linear(n, vocab, bias=False)
+
+    def forward(self, x):
+        B, T, n = x.shape
+
+        def split(t):
+            return t.view(B, T, self.heads, n // self.heads).transpose(1, 2)
+
+        a = torch.nn.functional.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        x = x + self.out(a.transpose(1, 2).reshape(B, T, n))
+        x = x + self.down(torch.nn.functional.gelu(self.up(x)))
+        return self.lm_head(x)
+
+
+class Conv1DLike(torch.nn.Module):
+    """GPT-2's Conv1D (``torch.addmm`` with the weight stored (n, m)) and a parameter on the
+    right of a matmul."""
+
+    def __init__(self, n=32, m=48):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, m) / n**0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(m))
+        self.proj = torch.nn.Parameter(torch.randn(m, n) / m**0.5)
+
+    def forward(self, x):
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        h = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
+        return torch.tanh(h) @ self.proj

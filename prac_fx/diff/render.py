@@ -11,6 +11,8 @@ import json
 from tabulate import tabulate
 from torch.fx.graph import dtype_abbrs
 
+from prac_fx.passes import kinds
+
 _ANSI = {"bold": "\033[1m", "red": "\033[31m", "green": "\033[32m", "yellow": "\033[33m",
          "cyan": "\033[36m", "dim": "\033[2m", "reset": "\033[0m"}
 
@@ -52,7 +54,7 @@ def site_rows(report: dict) -> tuple[list[str], list[list]]:
             "compressed copy"]
     rows = []
     for s in report["sites"]:
-        status = "rewritten" if s["status"] == "rewritten" else f"skipped: {s['reason']}"
+        status = kinds.REWRITTEN if s["status"] == kinds.REWRITTEN else f"skipped: {s['reason']}"
         rows.append([s["graph"], s["module"] or "(root)", s["node"], s["kind"], s["group"] or "",
                      _blank(s["N"]), _blank(s["n"]), _blank(s["m"]), _blank(s["r1"]), _blank(s["r2"]),
                      status, s["compressed_copy"]])
@@ -155,8 +157,8 @@ def text(report: dict, *, color: bool = False) -> str:
     table = tabulate(rows, headers=head).splitlines()
     out += table[:2]
     for line, s in zip(table[2:], report["sites"]):
-        out.append(c("green", line) if s["status"] == "rewritten" else
-                   c("dim", line) if s["kind"] not in ("linear", "addmm", "matmul") else line)
+        out.append(c("green", line) if s["status"] == kinds.REWRITTEN else
+                   c("dim", line) if s["kind"] not in kinds.LINEAR_KINDS else line)
 
     out += ["", c("bold", "Saved for backward (what the forward keeps), inductor | prac")]
     head, rows, changes = saved_rows(report)
@@ -248,8 +250,8 @@ def as_html(report: dict) -> str:
     parts += [f"<p>graph {g['index']}: {e(g['note'])}</p>" for g in report["graphs"] if g["note"]]
     parts += [f"<p>note: {e(n)}</p>" for n in report["notes"]]
     head, rows = site_rows(report)
-    classes = ["rewritten" if s["status"] == "rewritten" else
-               "other" if s["kind"] not in ("linear", "addmm", "matmul") else ""
+    classes = [kinds.REWRITTEN if s["status"] == kinds.REWRITTEN else
+               "other" if s["kind"] not in kinds.LINEAR_KINDS else ""
                for s in report["sites"]]
     parts += ["<h2>Sites</h2>", _table(head, rows, classes)]
     head, rows, changes = saved_rows(report)

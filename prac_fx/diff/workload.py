@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from prac_fx import models
+from prac_fx.diff import models
 
 
 class WorkloadError(Exception):

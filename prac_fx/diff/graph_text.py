@@ -6,7 +6,8 @@ addresses, uuids, Inductor buffer numbers (renumbered in order of appearance) an
 ``;  x = y = None`` liveness notes. The signature and ``return`` tuple are split one item a line,
 so an added input or saved tensor is one line of the diff.
 
-``diff(before, after)`` aligns the two graphs before comparing them. The pass inserts nodes, so
+``align(before, after)`` renames the nodes of ``after`` to those of ``before`` they match, and
+``unified(before, after, ...)`` then compares the two. The pass inserts nodes, so
 every later counter moves (``mm_7`` in one graph is ``mm_9`` in the other) and a plain text diff
 marks the whole tail as changed. Nodes are matched on their line with node names reduced to
 their stem (``mm_7`` -> ``mm``), by longest matching blocks (difflib); matched nodes of ``after``

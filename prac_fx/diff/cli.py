@@ -1,7 +1,8 @@
 """The ``prac-fx`` command line (also ``python -m prac_fx``): parses arguments and prints.
 
 ``prac-fx diff MODEL``: what the PRAC pass changes in a model's graphs and what it saves
-(``prac_fx.diff``). ``prac-fx bench ...``: the benchmark suite (``bench``), when installed.
+(``prac_fx.diff``). The benchmark suite is not part of the installed package: it runs from a
+checkout as ``python -m bench`` (the library never imports it).
 
 Exit status: 0 on success (also when the model has no linear site: nothing to compare), 2 on bad
 input (one line on stderr, never a traceback), 1 when compiling fails.
@@ -9,7 +10,6 @@ input (one line on stderr, never a traceback), 1 when compiling fails.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -98,23 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="colour text output (auto: only on a terminal, unless NO_COLOR is set)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     d.add_argument("--traceback", action="store_true", help="show the traceback of a failure")
-    sub.add_parser("bench", add_help=False, help="run the benchmark suite (prac-fx bench --help)")
     return parser
-
-
-def _bench(argv: list[str]) -> int:
-    """``prac-fx bench ARGS`` runs ``python -m bench ARGS`` in a fresh process that starts with the
-    allocator and OpenMP environment its memory figures need (``bench.__main__.cli``)."""
-    try:
-        module = importlib.import_module("bench.__main__")
-    except ModuleNotFoundError as err:
-        if err.name in ("bench", "bench.__main__"):
-            return _error("the benchmark suite is not installed (no bench package)")
-        raise
-    run = getattr(module, "cli", None)
-    if run is None:
-        return _error("bench.__main__ has no cli()")
-    return int(run(argv) or 0)
 
 
 def use_color(choice: str, stream, to_file: bool) -> bool:
@@ -126,8 +110,9 @@ def use_color(choice: str, stream, to_file: bool) -> bool:
 
 
 def _diff(args) -> int:
-    from prac_fx import diff, render, workload
+    from prac_fx import diff
     from prac_fx.config import PracConfig
+    from prac_fx.diff import render, workload
 
     try:
         rank = _number(args.rank, "rank")
@@ -192,8 +177,6 @@ def _diff(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "diff":
         return _diff(args)
