@@ -174,10 +174,10 @@ class PracBackend:
         if self.compiler == "eager":
             return torch_seam.aot_eager(
                 gm, example_inputs,
-                lambda g, is_backward: record.capture(g, is_backward, n_bases=len(record.groups)))
+                lambda g, is_backward: record.capture(g, is_backward))
 
         def inner(g, ex, *args, **kwargs):
-            record.capture(g, kwargs.get("is_backward", False), n_bases=len(record.groups))
+            record.capture(g, kwargs.get("is_backward", False))
             return torch_seam.inductor_inner_compile(g, ex, *args, **kwargs)
 
         return torch_seam.inductor_compile(gm, example_inputs, inner)

@@ -4,7 +4,9 @@
 lowers them): a group's compressed copy ``x @ P`` is ``"saved"`` when the forward returns it for
 the backward, ``"recomputed in backward"`` when the partitioner chose to keep ``x`` (saved anyway
 for another op) and recompute the product in the backward, and ``"not saved"`` when no backward
-needs it.
+needs it. The nodes of ``x @ P`` are found by the tag the rewrite put on its node in the Dynamo
+graph (``meta["prac"]``) and the provenance AOTAutograd keeps for the nodes it traces, not by
+their op names.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import dataclasses
 import torch
 import torch.fx
 
-from prac_fx.passes import kinds
+from prac_fx.passes import kinds, torch_seam
 from prac_fx.passes.graph_state import Group, PassResult, Site
 
 _CASTS = {"convert_element_type", "_to_copy", "to"}
@@ -36,31 +38,36 @@ def _with_views(nodes: list[torch.fx.Node]) -> set[str]:
     return names
 
 
-def _compress_nodes(graph: torch.fx.Graph, basis_names: list[str]) -> dict[str, list[torch.fx.Node]]:
-    """Nodes ``mm(x2d, P)`` (P possibly cast) per basis placeholder name."""
-    found: dict[str, list[torch.fx.Node]] = {b: [] for b in basis_names}
+def _compress_nodes(graph: torch.fx.Graph, tags: dict[str, dict]) -> dict[int, list[torch.fx.Node]]:
+    """Per group index: the nodes of a partitioned graph traced from the group's ``x @ P`` node,
+    found by the tag the rewrite gave that node (``kinds.TAG``) and the provenance AOTAutograd
+    keeps for every node it traces (``torch_seam.dynamo_origins``)."""
+    compress = {name: tag["group"] for name, tag in tags.items() if tag["role"] == kinds.ROLE_COMPRESS}
+    traced: dict[torch.fx.Node, int] = {}
     for node in graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] != "mm":
+        if node.op != "call_function":
             continue
-        rhs = node.args[1]
-        while isinstance(rhs, torch.fx.Node) and rhs.op == "call_function" and \
-                str(getattr(rhs.target, "__name__", "")).split(".")[0] in _CASTS:
-            rhs = rhs.args[0]
-        if isinstance(rhs, torch.fx.Node) and rhs.name in found:
-            found[rhs.name].append(node)
+        for origin in torch_seam.dynamo_origins(node):
+            if origin in compress:
+                traced[node] = compress[origin]
+                break
+    # the product itself: a node of x @ P that no other node of it reads (not the views of x
+    # or the cast of P it starts from)
+    found: dict[int, list[torch.fx.Node]] = {g: [] for g in compress.values()}
+    for node, group in traced.items():
+        if not any(user in traced for user in node.users):
+            found[group].append(node)
     return found
 
 
-def placement(forward: torch.fx.Graph, n_bases: int) -> tuple[list[str], list[str], list[str]]:
-    """(basis placeholder names, per-basis status from the forward, saved output names)."""
-    placeholders = [n for n in forward.nodes if n.op == "placeholder"]
-    bases = [n.name for n in placeholders[len(placeholders) - n_bases:]] if n_bases else []
+def placement(forward: torch.fx.Graph, tags: dict[str, dict]) -> tuple[dict[int, str], list[str]]:
+    """(per group index, "saved" or "not saved" from the forward; saved output names)."""
     output = next(n for n in forward.nodes if n.op == "output")
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
     out_names = {o.name for o in outs if isinstance(o, torch.fx.Node)}
-    found = _compress_nodes(forward, bases)
-    status = ["saved" if _with_views(found[b]) & out_names else "not saved" for b in bases]
-    return bases, status, sorted(out_names)
+    found = _compress_nodes(forward, tags)
+    status = {g: "saved" if _with_views(nodes) & out_names else "not saved" for g, nodes in found.items()}
+    return status, sorted(out_names)
 
 
 def _saved_inputs(backward: torch.fx.Graph, forward_ops: dict[str, str]) -> list[dict]:
@@ -103,7 +110,6 @@ class GraphRecord:
     backward_code: str = ""
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # group key -> status
     saved: list[dict] = dataclasses.field(default_factory=list)  # what the forward keeps for backward
-    _basis_names: list[str] = dataclasses.field(default_factory=list)
     _forward_ops: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
@@ -114,22 +120,22 @@ class GraphRecord:
     def rewritten(self) -> int:
         return sum(1 for s in self.sites if s.status == kinds.REWRITTEN)
 
-    def capture(self, gm: torch.fx.GraphModule, is_backward: bool, n_bases: int) -> None:
+    def capture(self, gm: torch.fx.GraphModule, is_backward: bool) -> None:
         code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
         if not is_backward:
             self.forward_code = code
             self._forward_ops = {n.name: "input" if n.op == "placeholder" else _op_name(n)
                                  for n in gm.graph.nodes}
-            names, status, _ = placement(gm.graph, n_bases)
-            self._basis_names = names
-            for group, st in zip(self.groups, status):
-                self.placement[group.key] = st
+            status, _ = placement(gm.graph, self.tags)
+            for index, group in enumerate(self.groups):
+                if index in status:
+                    self.placement[group.key] = status[index]
         else:
             self.backward_code = code
             self.saved = _saved_inputs(gm.graph, self._forward_ops)
-            found = _compress_nodes(gm.graph, self._basis_names)
-            for group, name in zip(self.groups, self._basis_names):
-                if self.placement.get(group.key) == "not saved" and found.get(name):
+            found = _compress_nodes(gm.graph, self.tags)
+            for index, group in enumerate(self.groups):
+                if self.placement.get(group.key) == "not saved" and found.get(index):
                     self.placement[group.key] = "recomputed in backward"
 
 
