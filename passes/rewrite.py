@@ -24,10 +24,7 @@ stats[i])``, which returns exactly what the site returned.
 
 Guarantees: forward values unchanged; every new node carries ``meta["example_value"]`` and the
 tag ``meta["prac"]`` (``kinds.TAG``: its role, one of ``kinds.ROLES``, and its group's index); the
-original graph inputs keep their positions and the original outputs come first. The ``x @ P``
-nodes also carry ``meta["custom"]`` (``{"prac": "compress", "group": i}``), which AOTAutograd
-copies to the aten nodes it traces from them: the report finds each group's compressed copy in
-the partitioned forward and backward graphs by it.
+original graph inputs keep their positions and the original outputs come first.
 """
 from __future__ import annotations
 
@@ -130,9 +127,6 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         with graph.inserting_before(first):
             x_compressed = graph.call_function(compress, (x, basis))
         x_compressed.meta["stack_trace"] = first.meta.get("stack_trace")
-        # AOTAutograd copies "custom" meta to the aten nodes it traces from this one, so the
-        # report finds the group's x @ P in the partitioned graphs by this tag.
-        x_compressed.meta["custom"] = {"prac": "compress", "group": index}
         x_compressed.meta[kinds.TAG] = {"role": kinds.ROLE_COMPRESS, "group": index}
         if x_mode is not None:
             with x_mode:  # in the mode of the graph's own example values

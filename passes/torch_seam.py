@@ -8,7 +8,8 @@ the project uses it directly instead (``torch.compiler.reset``, ``torch.compiler
 What the project relies on, by area:
 
 - Dynamo's graph: a placeholder's source object (``node._dynamo_source``) and the real tensor it
-  was traced from (``node.meta["grapharg"]``); the calling module of a node as Dynamo prints it
+  was traced from (``node.meta["grapharg"]``); the Dynamo node each AOTAutograd node was traced
+  from (``node.meta["from_node"]``); the calling module of a node as Dynamo prints it
   (``node.meta["nn_module_stack"]``, parsed in ``paths.py`` only); the source classes
   (``torch._dynamo.source``); the backend registry.
 - Fake tensors: the tracing context's fake mode (``torch._guards``), ``FakeTensor``.
@@ -89,6 +90,18 @@ def innermost_module(node: torch.fx.Node) -> str | None:
     if not stack:
         return None
     return str(list(stack.values())[-1][0])
+
+
+def dynamo_origins(node: torch.fx.Node) -> list[str]:
+    """The names of the nodes an AOTAutograd graph's node was traced from, nearest first, down
+    to the Dynamo graph's (``node.meta["from_node"]``, a chain of ``NodeSource``)."""
+    names = []
+    chain = node.meta.get("from_node") or []
+    while chain:
+        source = chain[-1]
+        names.append(source.name)
+        chain = getattr(source, "from_node", None) or []
+    return names
 
 
 # -- FX ----------------------------------------------------------------------------------------------

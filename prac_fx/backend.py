@@ -237,7 +237,9 @@ class PracBackend:
 
     def _compile(self, gm, example_inputs, record: GraphRecord, patches: dict | None = None):
         if self.compiler == "eager":
-            return torch_seam.aot_eager(gm, example_inputs, record.capture)
+            return torch_seam.aot_eager(
+                gm, example_inputs,
+                lambda g, is_backward: record.capture(g, is_backward))
 
         def inner(g, ex, *args, **kwargs):
             record.capture(g, kwargs.get("is_backward", False))

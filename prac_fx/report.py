@@ -4,7 +4,9 @@
 lowers them): a group's compressed copy ``x @ P`` is ``"saved"`` when the forward returns it for
 the backward, ``"recomputed in backward"`` when the partitioner chose to keep ``x`` (saved anyway
 for another op) and recompute the product in the backward, and ``"not saved"`` when no backward
-needs it.
+needs it. The nodes of ``x @ P`` are found by the tag the rewrite put on its node in the Dynamo
+graph (``meta["prac"]``) and the provenance AOTAutograd keeps for the nodes it traces, not by
+their op names.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import dataclasses
 import torch
 import torch.fx
 
-from prac_fx.passes import kinds
+from prac_fx.passes import kinds, torch_seam
 from prac_fx.passes.graph_state import Group, PassResult, Site
 
 _CASTS = {"convert_element_type", "_to_copy", "to"}
@@ -36,26 +38,35 @@ def _with_views(nodes: list[torch.fx.Node]) -> set[str]:
     return names
 
 
-def _compress_nodes(graph: torch.fx.Graph, n_groups: int) -> dict[int, list[torch.fx.Node]]:
-    """Per group index, the ``mm(x2d, P)`` nodes of its compressed copy. The rewrite tags the
-    nodes it inserts (``node.meta["custom"]["prac"]``, see ``passes.rewrite``), and AOTAutograd
-    carries that tag to every aten node it traces from them, in the forward and, where the
-    partitioner recomputes them, in the backward."""
-    found: dict[int, list[torch.fx.Node]] = {i: [] for i in range(n_groups)}
+def _compress_nodes(graph: torch.fx.Graph, tags: dict[str, dict]) -> dict[int, list[torch.fx.Node]]:
+    """Per group index: the nodes of a partitioned graph traced from the group's ``x @ P`` node,
+    found by the tag the rewrite gave that node (``kinds.TAG``) and the provenance AOTAutograd
+    keeps for every node it traces (``torch_seam.dynamo_origins``)."""
+    compress = {name: tag["group"] for name, tag in tags.items() if tag["role"] == kinds.ROLE_COMPRESS}
+    traced: dict[torch.fx.Node, int] = {}
     for node in graph.nodes:
-        tag = (node.meta.get("custom") or {}) if node.op == "call_function" else {}
-        if tag.get("prac") == "compress" and _op_name(node) == "mm" and tag.get("group") in found:
-            found[tag["group"]].append(node)
+        if node.op != "call_function":
+            continue
+        for origin in torch_seam.dynamo_origins(node):
+            if origin in compress:
+                traced[node] = compress[origin]
+                break
+    # the product itself: a node of x @ P that no other node of it reads (not the views of x
+    # or the cast of P it starts from)
+    found: dict[int, list[torch.fx.Node]] = {g: [] for g in compress.values()}
+    for node, group in traced.items():
+        if not any(user in traced for user in node.users):
+            found[group].append(node)
     return found
 
 
-def placement(forward: torch.fx.Graph, n_groups: int) -> tuple[list[str], list[str]]:
-    """(per-group status from the forward, saved output names)."""
+def placement(forward: torch.fx.Graph, tags: dict[str, dict]) -> tuple[dict[int, str], list[str]]:
+    """(per group index, "saved" or "not saved" from the forward; saved output names)."""
     output = next(n for n in forward.nodes if n.op == "output")
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
     out_names = {o.name for o in outs if isinstance(o, torch.fx.Node)}
-    found = _compress_nodes(forward, n_groups)
-    status = ["saved" if _with_views(found[i]) & out_names else "not saved" for i in range(n_groups)]
+    found = _compress_nodes(forward, tags)
+    status = {g: "saved" if _with_views(nodes) & out_names else "not saved" for g, nodes in found.items()}
     return status, sorted(out_names)
 
 
@@ -115,15 +126,16 @@ class GraphRecord:
             self.forward_code = code
             self._forward_ops = {n.name: "input" if n.op == "placeholder" else _op_name(n)
                                  for n in gm.graph.nodes}
-            status, _ = placement(gm.graph, len(self.groups))
-            for group, st in zip(self.groups, status):
-                self.placement[group.key] = st
+            status, _ = placement(gm.graph, self.tags)
+            for index, group in enumerate(self.groups):
+                if index in status:
+                    self.placement[group.key] = status[index]
         else:
             self.backward_code = code
             self.saved = _saved_inputs(gm.graph, self._forward_ops)
-            found = _compress_nodes(gm.graph, len(self.groups))
+            found = _compress_nodes(gm.graph, self.tags)
             for index, group in enumerate(self.groups):
-                if self.placement.get(group.key) == "not saved" and found[index]:
+                if self.placement.get(group.key) == "not saved" and found.get(index):
                     self.placement[group.key] = "recomputed in backward"
 
 
