@@ -26,6 +26,9 @@ class SitePolicy(Protocol):
     def is_head(self, module_path: str) -> bool:
         """Whether the module at ``module_path`` is an output head that stays exact."""
 
+    # Optional (read with getattr; defaults True and None): ``head_loss``, whether the head and
+    # cross-entropy loss become one chunked op; ``head_loss_chunk_rows``, its rows per chunk.
+
 
 @dataclasses.dataclass
 class Site:
@@ -83,6 +86,7 @@ class GraphState:
     sites: list[Site] = dataclasses.field(default_factory=list)
     groups: list[Group] = dataclasses.field(default_factory=list)
     results: list[PassResult] = dataclasses.field(default_factory=list)
+    head_losses: list = dataclasses.field(default_factory=list)  # head_loss.HeadLoss records
 
     def node(self, name: str) -> torch.fx.Node:
         for n in self.gm.graph.nodes:

@@ -10,12 +10,13 @@ import logging
 
 import torch.fx
 
-from passes import grouping, rewrite, sites
+from passes import grouping, head_loss, rewrite, sites
 from passes.graph_state import GraphState, PassFn, SitePolicy
 
 log = logging.getLogger("prac_fx.passes")
 
 PIPELINE: list[tuple[str, PassFn]] = [
+    ("head_loss", head_loss.run),  # first: the head it takes is no longer a linear site
     ("find_sites", sites.run),
     ("group_sites", grouping.run),
     ("rewrite_sites", rewrite.run),

@@ -81,6 +81,7 @@ class PracBackend:
             record.note = f"fallback: {type(err).__name__}: {err}"
             return self._compile(gm, example_inputs, record)
         record.sites, record.groups, record.passes = state.sites, state.groups, state.results
+        record.head_losses = state.head_losses
         log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
                  record.index, record.matched, record.rewritten, len(state.groups))
         for site in state.sites:  # once per module and backend, not once per recompile
@@ -88,7 +89,7 @@ class PracBackend:
                 self._narrow.add(site.module)
                 log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
                             "nothing compressed there", site.module, site.n, self.config.rank)
-        if not state.groups:
+        if not state.groups and not any(h.status == "rewritten" for h in state.head_losses):
             record.note = "no linear site to compress"
             return self._compile(gm, example_inputs, record)
         record.rewritten_code = work.print_readable(print_output=False, include_stride=False,
@@ -118,6 +119,7 @@ class PracBackend:
             # as when the passes fail: the record lists no sites, its note says why
             record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
             record.sites, record.groups, record.rewritten_code = [], [], ""
+            record.head_losses = []
             record.placement.clear()
             return self._compile(gm, example_inputs, record)
         probe = None

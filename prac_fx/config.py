@@ -49,6 +49,13 @@ class PracConfig:
         complement_scale: the factor k on the random part (P = [Q1, sqrt(k) Q2]). None uses
             the unbiased, minimum-variance k = (n - r1) / r2 (PRAC, arXiv 2602.23111); other
             values exist for ablations and make the weight gradient biased.
+        head_loss: whether an output head that feeds a cross-entropy loss and the loss become
+            one exact op that computes the loss chunk by chunk over rows and keeps no logits
+            for backward (``passes/head_loss.py``; it saves the head input, the labels and a
+            per-row log-sum-exp, and recomputes each chunk's logits in the backward). Loss and
+            gradients stay exact. False leaves the head and loss as they are.
+        head_loss_chunk_rows: rows per chunk of that op. None chooses them from the sizes, so
+            that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32).
     """
 
     rank: int | float = 0.25
@@ -59,6 +66,8 @@ class PracConfig:
     site_filter: Callable[[str], bool] | None = None
     complement_scale: float | None = None
     exact_heads: tuple[str, ...] = HEADS
+    head_loss: bool = True
+    head_loss_chunk_rows: int | None = None
 
     def __post_init__(self):
         rank, split = self.rank, self.split
@@ -103,6 +112,13 @@ class PracConfig:
             raise ValueError(f"exact_heads must be a tuple of module names without dots (the last "
                              f"component of a module path), got {heads!r}")
         object.__setattr__(self, "exact_heads", tuple(heads))
+        if not isinstance(self.head_loss, bool):
+            raise ValueError(f"head_loss must be True or False, got {self.head_loss!r}")
+        chunk = self.head_loss_chunk_rows
+        if chunk is not None and (not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool)
+                                  or chunk < 1):
+            raise ValueError(f"head_loss_chunk_rows must be an int >= 1 (rows per chunk) or None, "
+                             f"got {chunk!r}")
         if self.complement_scale is not None and (
             not _is_number(self.complement_scale) or self.complement_scale <= 0
         ):

@@ -100,6 +100,7 @@ class GraphRecord:
     forward_code: str = ""
     backward_code: str = ""
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # group key -> status
+    head_losses: list = dataclasses.field(default_factory=list)  # passes.head_loss.HeadLoss
     saved: list[dict] = dataclasses.field(default_factory=list)  # what the forward keeps for backward
     _basis_names: list[str] = dataclasses.field(default_factory=list)
     _forward_ops: dict[str, str] = dataclasses.field(default_factory=dict)
