@@ -222,6 +222,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         if reason is None and not policy.include(head.module):
             reason = "filtered"
         loss_in = _val(_arg(ce, 0, "input"))
+        if reason is None and (not isinstance(loss_in, torch.Tensor) or loss_in.dim() != 2):
+            reason = "unsupported pattern"  # the class dimension is dim 1: only (N, V) is rows x vocab
         rows = _static_rows(loss_in) if isinstance(loss_in, torch.Tensor) else None
         if reason is None and rows is None:
             reason = "dynamic row count"
