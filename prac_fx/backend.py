@@ -20,6 +20,7 @@ import torch.fx
 import passes
 from passes import probe as probe_graph
 from passes.sites import match
+from prac_fx import budget as budget_mod
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
 from prac_fx.report import GraphRecord, Report
@@ -111,6 +112,7 @@ class PracBackend:
         if any(e is None for e in examples):
             examples = [torch.zeros(g.n, g.rank, device=d) for g, d in zip(state.groups, devices)]
         try:
+            record.budget = self._budget(gm, example_inputs, work, [*example_inputs, *examples])
             compiled = self._compile(work, [*example_inputs, *examples], record)
         except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
             first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is a traceback
@@ -119,7 +121,7 @@ class PracBackend:
             # as when the passes fail: the record lists no sites, its note says why
             record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
             record.sites, record.groups, record.rewritten_code = [], [], ""
-            record.head_losses = []
+            record.head_losses, record.budget = [], None
             record.placement.clear()
             return self._compile(gm, example_inputs, record)
         probe = None
@@ -154,7 +156,26 @@ class PracBackend:
                 group.key = key
         return owner_args
 
+    def _budget(self, gm, example_inputs, work, work_inputs) -> budget_mod.BudgetRecord | None:
+        """The partitioner budget that keeps ``memory_budget`` of what ``gm`` (unrewritten) keeps."""
+        asked = self.config.memory_budget
+        if asked is None:
+            return None
+        uncompressed = budget_mod.saved_bytes(gm, example_inputs)
+        rewritten = budget_mod.saved_bytes(work, work_inputs)
+        return budget_mod.BudgetRecord(asked, uncompressed, rewritten,
+                                       budget_mod.partitioner_budget(asked, uncompressed, rewritten))
+
     def _compile(self, gm, example_inputs, record: GraphRecord):
+        if self.config.memory_budget is not None and record.training and record.budget is None \
+                and self.rewrite:
+            # unrewritten (nothing to compress, or a fallback): the budget is the partitioner's own
+            record.budget = budget_mod.BudgetRecord(self.config.memory_budget, 0, 0,
+                                                    self.config.memory_budget)
+        with budget_mod.applied(record.budget):
+            return self._compile_inner(gm, example_inputs, record)
+
+    def _compile_inner(self, gm, example_inputs, record: GraphRecord):
         if self.compiler == "eager":
             from torch._dynamo.backends.common import aot_autograd
             from torch._dynamo.backends.debugging import boxed_nop
@@ -165,7 +186,12 @@ class PracBackend:
 
             fw = lambda g, ex: keep(g, ex, False)  # noqa: E731
             bw = lambda g, ex: keep(g, ex, True)  # noqa: E731
-            return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, list(example_inputs))
+            partition = {}
+            if self.config.memory_budget is not None:  # the default partitioner has no budget
+                from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+                partition = {"partition_fn": min_cut_rematerialization_partition}
+            return aot_autograd(fw_compiler=fw, bw_compiler=bw, **partition)(gm, list(example_inputs))
 
         from torch._inductor.compile_fx import compile_fx_inner
 

@@ -56,6 +56,12 @@ class PracConfig:
             gradients stay exact. False leaves the head and loss as they are.
         head_loss_chunk_rows: rows per chunk of that op. None chooses them from the sizes, so
             that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32).
+        memory_budget: None, or a fraction in [0, 1] of what the *uncompressed* graph would keep
+            for backward. The backend measures that and the rewritten graph's default, and hands
+            the min-cut partitioner the ``activation_memory_budget`` that keeps this many bytes,
+            for that graph's compile only (``prac_fx/budget.py``). Where compression alone keeps
+            no more, nothing is recomputed. The report shows the budget asked for and the bytes
+            kept.
     """
 
     rank: int | float = 0.25
@@ -68,6 +74,7 @@ class PracConfig:
     exact_heads: tuple[str, ...] = HEADS
     head_loss: bool = True
     head_loss_chunk_rows: int | None = None
+    memory_budget: float | None = None
 
     def __post_init__(self):
         rank, split = self.rank, self.split
@@ -114,6 +121,10 @@ class PracConfig:
         object.__setattr__(self, "exact_heads", tuple(heads))
         if not isinstance(self.head_loss, bool):
             raise ValueError(f"head_loss must be True or False, got {self.head_loss!r}")
+        budget = self.memory_budget
+        if budget is not None and (not _is_number(budget) or not 0.0 <= budget <= 1.0):
+            raise ValueError(f"memory_budget must be None or a fraction in [0, 1] of what the "
+                             f"uncompressed graph keeps for backward, got {budget!r}")
         chunk = self.head_loss_chunk_rows
         if chunk is not None and (not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool)
                                   or chunk < 1):
