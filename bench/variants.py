@@ -17,6 +17,11 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     (a fraction of the graph's own saved bytes, which PRAC has already cut)
 ``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
                     part every b steps (defaults: 500, and only at refreshes)
+``budget=B``        Inductor with ``activation_memory_budget = B``
+``prac-R+mb=B``     PRAC with ``memory_budget=B``: B is a fraction of what the *uncompressed*
+                    graph keeps; the backend sets the partitioner's budget per graph
+``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
+                    the loss keep their logits as Inductor does
 ``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
                     GPT-2 the head is tied to the input embedding)
 ``random-R``        ablation: random part only (r1 = 0, k = n / r)
@@ -110,19 +115,26 @@ def by_name(spec: str) -> Variant:
     fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget}
     if spec in fixed:
         return fixed[spec]()
+    if spec.startswith("budget=") and _fraction(spec[7:]):
+        return budget(float(spec[7:]))
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
-    unknown = set(extras) - {"allsites"} - timing - set(budgets)
+    mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
+    unknown = set(extras) - {"allsites", "nohead"} - timing - set(budgets) - set(mbs)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"prac-R[+budget[=B]][+allsites][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
+                         f"budget=B, prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+T1=a][+T2=b], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
         label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing else f" +{e}" for e in extras)
         options = {"exact_heads": ()} if "allsites" in extras else {}
+        if "nohead" in extras:
+            options["head_loss"] = False
+        if mbs:
+            options["memory_budget"] = float(mbs[0][3:])
         for e in timing:
             options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
         if len(budgets) > 1:

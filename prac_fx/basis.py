@@ -30,16 +30,50 @@ log = logging.getLogger("prac_fx")
 
 @dataclasses.dataclass
 class GroupBasis:
+    """One group's basis. Only ``basis`` (P, float32, on ``device``) is kept between steps: Q1 is
+    its first r1 columns and Q2 its other columns divided by sqrt(k), so ``q1`` and ``q2`` are
+    CPU copies made on demand (a refresh, a redraw, a checkpoint) instead of resident tensors.
+    That halves the persistent bytes at the same rank (n r floats instead of 2 n r)."""
+
     n: int
     r1: int
     r2: int
     device: torch.device
-    q1: torch.Tensor | None = None  # (n, r1) float32, on CPU
-    q2: torch.Tensor | None = None  # (n, r2) float32, on CPU
     basis: torch.Tensor | None = None  # (n, r1 + r2) float32, on ``device``
     calls: int = 0
     refreshes: int = 0
     resamples: int = 0
+    scale: float = 1.0  # k: P = [Q1, sqrt(k) Q2]
+    _q1_new: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # refit, not yet in P
+
+    @property
+    def has_q1(self) -> bool:
+        """Whether a principal basis has been fitted (or drawn) yet."""
+        return self.r1 > 0 and (self._q1_new is not None or self.basis is not None)
+
+    @property
+    def q1(self) -> torch.Tensor | None:
+        """(n, r1) float32 on the CPU, or None before the first refresh."""
+        if self._q1_new is not None:
+            return self._q1_new
+        if not self.has_q1:
+            return None
+        return self.basis[:, :self.r1].to("cpu", torch.float32).contiguous()
+
+    @q1.setter
+    def q1(self, value: torch.Tensor | None) -> None:
+        self._q1_new = value
+
+    @property
+    def q2(self) -> torch.Tensor | None:
+        """(n, r2) float32 on the CPU, or None: P's random columns without their scale."""
+        if self.basis is None or self.r2 == 0:
+            return None
+        return (self.basis[:, self.r1:].to("cpu", torch.float64) / math.sqrt(self.scale)).float()
+
+    @property
+    def persistent_bytes(self) -> int:
+        return 0 if self.basis is None else self.basis.numel() * self.basis.element_size()
 
 
 STATE_VERSION = 2  # 2: keys name modules as the model does, whatever Dynamo called its root
@@ -128,7 +162,7 @@ class BasisStore:
     # -- when -----------------------------------------------------------------------------------
     def due_refresh(self, key: str) -> bool:
         g = self.groups[key]
-        return g.r1 > 0 and (g.q1 is None or g.calls % self.config.refresh_every == 0)
+        return g.r1 > 0 and (not g.has_q1 or g.calls % self.config.refresh_every == 0)
 
     def due_resample(self, key: str) -> bool:
         g = self.groups[key]
@@ -149,7 +183,7 @@ class BasisStore:
                     self._warn_once(key, f"basis refresh of {key!r} failed ({err}); keeping the previous basis")
             else:
                 self._warn_once(key, f"activation of {key!r} has NaN/Inf at a refresh; keeping the previous basis")
-        if q1 is None and g.q1 is None:
+        if q1 is None and not g.has_q1:
             # No usable activation yet: any orthonormal Q1 keeps P unbiased; draw one.
             q1 = self._orthonormal(torch.randn(g.n, g.r1, generator=self.generator, dtype=torch.float64))
         if q1 is not None:
@@ -159,9 +193,10 @@ class BasisStore:
 
     def resample(self, key: str) -> None:
         g = self.groups[key]
-        parts = [] if g.q1 is None else [g.q1]
+        q1_now = g.q1  # (n, r1) on the CPU: the refit one, else P's own first columns
+        parts = [] if q1_now is None else [q1_now]
         if g.r2 > 0:
-            q1 = None if g.q1 is None else g.q1.double()
+            q1 = None if q1_now is None else q1_now.double()
             draw = torch.randn(g.n, g.r2, generator=self.generator, dtype=torch.float64)
             for _ in range(2):  # project twice: one pass leaves O(eps * cond) leakage into Q1
                 if q1 is not None:
@@ -169,9 +204,10 @@ class BasisStore:
             q2 = self._orthonormal(draw)
             scale = self.config.complement_scale
             k = (g.n - g.r1) / g.r2 if scale is None else float(scale)
-            g.q2 = q2.float()
+            g.scale = k
             parts.append((math.sqrt(k) * q2).float())
         g.basis = torch.cat(parts, dim=1).to(g.device).contiguous()
+        g.q1 = None  # now P's first r1 columns
         g.resamples += 1
 
     @staticmethod
@@ -183,6 +219,10 @@ class BasisStore:
 
     def basis(self, key: str) -> torch.Tensor:
         return self.groups[key].basis
+
+    def persistent_bytes(self) -> int:
+        """Bytes the store keeps between steps (the bases P; Q1 and Q2 are not kept apart)."""
+        return sum(g.persistent_bytes for g in self.groups.values())
 
     def advance(self, key: str) -> None:
         self.groups[key].calls += 1
@@ -247,5 +287,8 @@ class BasisStore:
             device = g.device if g is not None else torch.device("cpu")
             g = self.groups[key] = GroupBasis(s["n"], s["r1"], s["r2"], device)
             g.calls, g.refreshes, g.resamples = s["calls"], s["refreshes"], s["resamples"]
-            g.q1, g.q2 = s["q1"], s["q2"]
+            scale = self.config.complement_scale
+            g.scale = ((g.n - g.r1) / g.r2 if g.r2 else 1.0) if scale is None else float(scale)
             g.basis = None if s["basis"] is None else s["basis"].to(device).contiguous()
+            if g.basis is None and s.get("q1") is not None:
+                g.q1 = s["q1"]  # fitted, never drawn: the next resample builds P from it
