@@ -30,10 +30,12 @@ log = logging.getLogger("prac_fx")
 
 @dataclasses.dataclass
 class GroupBasis:
-    """One group's basis. Only ``basis`` (P, float32, on ``device``) is kept between steps: Q1 is
-    its first r1 columns and Q2 its other columns divided by sqrt(k), so ``q1`` and ``q2`` are
-    CPU copies made on demand (a refresh, a redraw, a checkpoint) instead of resident tensors.
-    That halves the persistent bytes at the same rank (n r floats instead of 2 n r)."""
+    """One group's basis. P (``basis``, float32, on ``device``) is what is kept between steps: Q1
+    is its first r1 columns and Q2 its other columns divided by sqrt(k), so ``q1`` and ``q2``
+    are CPU copies made on demand (a refresh, a redraw, a checkpoint), not resident tensors.
+    That halves the persistent bytes at the same rank (n r floats instead of 2 n r). On an
+    accelerator Q1 alone is also kept on the host (n r1 floats), so that a redraw projects on
+    the CPU without reading the device."""
 
     n: int
     r1: int
@@ -45,6 +47,7 @@ class GroupBasis:
     resamples: int = 0
     scale: float = 1.0  # k: P = [Q1, sqrt(k) Q2]
     _q1_new: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # refit, not yet in P
+    _q1_host: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # off-CPU devices
 
     @property
     def has_q1(self) -> bool:
@@ -58,6 +61,8 @@ class GroupBasis:
             return self._q1_new
         if not self.has_q1:
             return None
+        if self._q1_host is not None:
+            return self._q1_host
         return self.basis[:, :self.r1].to("cpu", torch.float32).contiguous()
 
     @q1.setter
@@ -73,7 +78,18 @@ class GroupBasis:
 
     @property
     def persistent_bytes(self) -> int:
-        return 0 if self.basis is None else self.basis.numel() * self.basis.element_size()
+        total = 0
+        for t in (self.basis, self._q1_host):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def keep_q1_on_host(self) -> None:
+        """Off the CPU, keep a host copy of Q1 (read before P moves or is replaced)."""
+        q1 = self._q1_new if self._q1_new is not None else (
+            self.basis[:, :self.r1].to("cpu", torch.float32).contiguous()
+            if self.basis is not None and self.r1 > 0 and self.basis.device.type == "cpu" else self._q1_host)
+        self._q1_host = q1 if torch.device(self.device).type != "cpu" else None
 
 
 STATE_VERSION = 2  # 2: keys name modules as the model does, whatever Dynamo called its root
@@ -146,6 +162,7 @@ class BasisStore:
             )
         elif group.device != device:  # loaded from a checkpoint before the graph was compiled
             group.device = device
+            group.keep_q1_on_host()
             if group.basis is not None:
                 group.basis = group.basis.to(device).contiguous()
         return group
@@ -206,8 +223,10 @@ class BasisStore:
             k = (g.n - g.r1) / g.r2 if scale is None else float(scale)
             g.scale = k
             parts.append((math.sqrt(k) * q2).float())
+        g.q1 = q1_now
+        g.keep_q1_on_host()
+        g.q1 = None  # now P's first r1 columns (and the host copy, off the CPU)
         g.basis = torch.cat(parts, dim=1).to(g.device).contiguous()
-        g.q1 = None  # now P's first r1 columns
         g.resamples += 1
 
     @staticmethod
@@ -289,6 +308,9 @@ class BasisStore:
             g.calls, g.refreshes, g.resamples = s["calls"], s["refreshes"], s["resamples"]
             scale = self.config.complement_scale
             g.scale = ((g.n - g.r1) / g.r2 if g.r2 else 1.0) if scale is None else float(scale)
-            g.basis = None if s["basis"] is None else s["basis"].to(device).contiguous()
+            basis = s["basis"]
+            g.basis = None if basis is None else basis.contiguous()  # on the CPU first: Q1 from it
+            g.keep_q1_on_host()
+            g.basis = None if basis is None else basis.to(device).contiguous()
             if g.basis is None and s.get("q1") is not None:
                 g.q1 = s["q1"]  # fitted, never drawn: the next resample builds P from it
