@@ -119,11 +119,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = logits.float()
             labels = labels1d[start:stop]
             valid = labels != ctx.ignore_index
-            prob = torch.exp(logits - lse[start:stop].unsqueeze(1))  # softmax (c, V)
             safe = torch.where(valid, labels, torch.zeros_like(labels))
-            onehot = F.one_hot(safe, vocab).to(prob.dtype)
-            row_scale = torch.where(valid, scale.to(prob.dtype), torch.zeros_like(scale, dtype=prob.dtype))
-            grad_logits = (prob - onehot) * row_scale.unsqueeze(1)  # (c, V)
+            row_scale = torch.where(valid, scale.to(logits.dtype),
+                                    torch.zeros_like(scale, dtype=logits.dtype)).unsqueeze(1)  # (c, 1)
+            # softmax * scale, then minus scale at each row's label (no (c, V) one-hot)
+            grad_logits = torch.exp(logits - lse[start:stop].unsqueeze(1)) * row_scale  # (c, V)
+            grad_logits = torch.scatter_add(grad_logits, 1, safe.unsqueeze(1), -row_scale)
             if grad_logits_out is not None:
                 grad_logits = grad_logits + grad_logits_out[start:stop].to(grad_logits.dtype)
             grad_logits = grad_logits.to(compute_dtype)

@@ -57,7 +57,13 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
         "measured": {"inductor": int, "prac": int},  # saved_tensors_hooks, same step
         "agrees": bool,
         "removed": [{"graph": int, "name": str, "bytes": int}],  # counted tensors the pass
-        "added": [{"graph": int, "name": str, "bytes": int}]},   # removed / added
+        "added": [{"graph": int, "name": str, "bytes": int}],    # removed / added
+        "by_category": {CATEGORY: {"inductor": int, "prac": int}}},  # counted bytes
+      "heads": [{"graph": int, "node": str, "module": str,  # cross-entropy nodes the
+                 "rows": int | null, "vocab": int | null,  # head-and-loss pass looked at
+                 "reduction": str, "chunk_rows": int | null, "returns_logits": bool,
+                 "status": "rewritten" | "skipped", "reason": str | null,
+                 "saved_before": int, "saved_after": int}],  # logits bytes the loss keeps
       "flops": {
         "sites": [{"graph": int, "module": str, "N": int, "n": int, "m": int, "r": int,
                    "exact": int, "factored": int}],   # weight-gradient matmul flops;
@@ -73,7 +79,11 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
               "op": str,                             # aten op that produced it, "input"
               "kind": "activation" | "input" | "basis" | "parameter",
               "storage": str,                        # node owning the storage it views
-              "counted": int}                        # bytes it adds to the total
+              "counted": int,                        # bytes it adds to the total
+              "category": CATEGORY}
+
+    CATEGORY = "linear inputs and copies" | "attention" | "nonlinear inputs" | "head and loss"
+               | "bases" | "other"                   # what keeps it (prac_fx/breakdown.py)
 
 Flops: the exact weight gradient of a site costs ``2 N n m``; the factored one
 ``2 (N r m + m r n)`` (arXiv 2605.01255, dW = (dY^T (X P)) P^T); a skipped site keeps the exact
@@ -91,7 +101,7 @@ from typing import Callable
 import torch
 
 from passes.paths import module_path
-from prac_fx import graph_text, memory
+from prac_fx import breakdown, graph_text, memory
 from prac_fx.backend import PracBackend
 from prac_fx.config import PracConfig
 from prac_fx.report import GraphRecord
@@ -230,12 +240,16 @@ def _short_op(op: str) -> str:
     return op
 
 
-def _saved(record: GraphRecord, info: _DynamoInfo, names: dict[str, str]) -> list[dict]:
-    """The saved tensors of one graph with kind, storage owner and counted bytes."""
+def _saved(record: GraphRecord, info: _DynamoInfo, names: dict[str, str],
+           vocabs: set[int] = frozenset()) -> list[dict]:
+    """The saved tensors of one graph with kind, storage owner, counted bytes and category."""
     fw = graph_text.parse(record.forward_code)
     inputs = [n.name for n in fw.values() if n.op == "input"]
     input_kind = {name: (info.inputs[i] if i < len(info.inputs) else "basis")
                   for i, name in enumerate(inputs)}
+    category = breakdown.categories(record.forward_code, record.backward_code,
+                                    [e["name"] for e in record.saved],
+                                    {n for n, k in input_kind.items() if k == "basis"}, set(vocabs))
     counted: set[str] = set()
     out = []
     for entry in record.saved:
@@ -262,6 +276,7 @@ def _saved(record: GraphRecord, info: _DynamoInfo, names: dict[str, str]) -> lis
             "kind": kind,
             "storage": names.get(base_name, base_name),
             "counted": size,
+            "category": category.get(entry["name"], "other"),
         })
     return out
 
@@ -357,7 +372,8 @@ def _graph_diffs(index: int, base: GraphRecord, prac: GraphRecord, kinds, contex
         bases = {mapping.get(f"prac_basis_{i}", f"prac_basis_{i}"): g for i, g in enumerate(groups)}
         marks_after, _, _ = _basis_marks(graph_text.parse("\n".join(after)), bases)
         add("dynamo", f"graph {index}: dynamo graph", f"graph {index}: after the PRAC passes",
-            before, after, _site_marks(prac.sites), marks_after)
+            before, after, {**_site_marks(prac.sites), **breakdown.head_marks(prac.head_losses)},
+            marks_after)
 
     base_fw, prac_fw = graph_text.normalise(base.forward_code), graph_text.normalise(prac.forward_code)
     base_bw, prac_bw = graph_text.normalise(base.backward_code), graph_text.normalise(prac.backward_code)
@@ -455,7 +471,9 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
     for i, (b, p) in enumerate(zip(base.records, prac.records)):
         d, fw_map = _graph_diffs(i, b, p, graphs, context)
         diffs += d
-        saved_rows += _pair(i, _saved(b, base.infos[i], {}), _saved(p, prac.infos[i], fw_map))
+        vocabs = {h.vocab for h in p.head_losses if h.vocab}
+        saved_rows += _pair(i, _saved(b, base.infos[i], {}, vocabs),
+                            _saved(p, prac.infos[i], fw_map, vocabs))
         graph_notes.append({"index": i, "note": p.note})
     if len(base.records) != len(prac.records):
         notes.append(f"graph counts differ: inductor {len(base.records)}, prac {len(prac.records)}; "
@@ -484,7 +502,9 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
             "agrees": totals["inductor"] == measured["inductor"] and totals["prac"] == measured["prac"],
             "removed": _changed(saved_rows, "removed", "inductor"),
             "added": _changed(saved_rows, "added", "prac"),
+            "by_category": breakdown.totals(saved_rows),
         },
+        "heads": breakdown.head_rows(prac.records),
         "flops": _flops(sites, groups),
         "diffs": diffs,
     }
