@@ -53,7 +53,10 @@ class PracConfig:
             one exact op that computes the loss chunk by chunk over rows and keeps no logits
             for backward (``passes/head_loss.py``; it saves the head input, the labels and a
             per-row log-sum-exp, and recomputes each chunk's logits in the backward). Loss and
-            gradients stay exact. False leaves the head and loss as they are.
+            gradients stay exact. False leaves the head and loss as they are. It takes the
+            head whatever ``exact_heads`` says: the loss's input gradient needs the exact
+            logits, which a compressed copy of the head input cannot give, so the op saves
+            the head input itself (still far less than the logits).
         head_loss_chunk_rows: rows per chunk of that op. None chooses them from the sizes, so
             that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32).
         memory_budget: None, or a fraction in [0, 1] of what the *uncompressed* graph would keep
