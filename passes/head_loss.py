@@ -30,7 +30,9 @@ weights``, ``reduction none``, ``soft targets`` (class probabilities), ``other o
 and the loss that is not listed above), ``logits used elsewhere`` (a node other than the loss
 chain and the graph output reads the logits, e.g. a user's own loss), ``logits returned and
 sliced for the loss``, ``no head linear``, ``dynamic row count``, ``filtered`` (the site
-filter), ``off`` (``policy.head_loss`` is False).
+filter), ``off`` (``policy.head_loss`` is False). An output head (``policy.is_head``) whose logits
+reach no ``F.cross_entropy`` (a user's own loss, logits only returned) is listed too, with the
+reason ``no cross-entropy on the logits``.
 
 Guarantees: the loss, the returned logits and every gradient equal eager's up to float
 rounding (tests compare with ``assert_close`` in float32); every node created carries
@@ -176,6 +178,20 @@ def _check_loss(ce: torch.fx.Node) -> str | None:
     return None
 
 
+def _reaches_loss(node: torch.fx.Node) -> bool:
+    """Whether a cross-entropy node reads ``node``'s value, directly or through other nodes."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user.op == "call_function" and user.target in _CE:
+                return True
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
 def _fake(node: torch.fx.Node, fn, *args):
     """``fn(*args)`` on the graph's fake example values, stored as ``node``'s example value."""
     vals = [_val(a) if isinstance(a, torch.fx.Node) else a for a in args]
@@ -272,6 +288,15 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         graph.erase_node(linear)
         head.status, head.reason = "rewritten", None
         result.sites_matched += 1
+    # Heads (``policy.is_head``) whose logits reach no cross-entropy: a user's own loss, or
+    # logits only returned. Listed so that the report says why they kept their logits.
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _LINEAR and _is_trained_weight(_arg(node, 1, "weight")):
+            weight = parameter_path(_arg(node, 1, "weight"))
+            module = module_path(node) or weight.rsplit(".", 1)[0]
+            if policy.is_head(module) and not _reaches_loss(node):
+                heads.append(HeadLoss(node=node.name, module=module, weight=weight,
+                                      reason="no cross-entropy on the logits"))
     state.head_losses = heads
     if result.sites_matched:
         graph.lint()
