@@ -264,3 +264,15 @@ def test_inductor_compiles_the_chunked_op():
     torch.testing.assert_close(loss, ref_loss)
     for p, e in zip(net.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, e)
+
+
+def test_report_table_lists_the_head():
+    torch.manual_seed(0)
+    net = Net()
+    x, y = _data()
+    torch._dynamo.reset()
+    be = prac_fx.backend(rank=1.0, compiler="eager")
+    torch.compile(smoothing, backend=be)(net, x, y).backward()
+    rows = be.report().head_rows()
+    assert [(r["module"], r["status"]) for r in rows] == [("head", "skipped: label smoothing")]
+    assert "head + loss" in be.report().table() and "label smoothing" in be.report().table()
