@@ -60,6 +60,8 @@ def parse(argv):
         p.add_argument("--width", type=int, default=256)
         p.add_argument("--seq", type=int, default=256)
         p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--vocab", type=int, default=2048,
+                       help="vocabulary size (the logits grow with it: try 32000)")
         p.add_argument("--ppl-steps", type=int, default=2000,
                        help="convergence runs of this length (cached) give the perplexity columns")
         p.add_argument("--warm-cache", action="store_true",
@@ -136,7 +138,7 @@ def suite(args) -> int:
     repeats = args.repeats or (5 if args.quick else 11)
     names = _names(args.variants) if args.variants else (variants.QUICK if args.quick else variants.FULL)
     setup = Setup(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch,
-                  repeats=repeats, refresh_repeats=2 if args.quick else 3)
+                  vocab=args.vocab, repeats=repeats, refresh_repeats=2 if args.quick else 3)
     rows = run_suite(_names(args.models), [variants.by_name(n) for n in names], setup,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     ppl = report.attach_perplexity(rows, names, setup, args.ppl_steps)

@@ -46,6 +46,7 @@ class Row:
     step_ms: float
     tokens_per_s: float
     compile_s: float
+    bases_mib: float = float("nan")  # resident bytes of the PRAC bases, between steps
     refresh_ms: float = float("nan")
     refresh_every: int = 0
     refresh_amortised: float = float("nan")  # extra time per step from refreshes, / steady step
@@ -187,6 +188,9 @@ def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
             step = statistics.median(times)
             row = Row(name, v.name, saved / MiB, peak / MiB, step * 1e3, setup.tokens / step,
                       max(0.0, compile_s - step))
+            prac = getattr(fn, "prac_backend", None)
+            if prac is not None:
+                row.bases_mib = prac.store.persistent_bytes() / MiB
             backend = _backend_of(fn)
             if backend is not None:
                 every = row.refresh_every = backend.config.refresh_every

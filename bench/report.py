@@ -15,7 +15,7 @@ from tabulate import tabulate
 from bench.harness import Row, Setup
 
 SUITE_COLUMNS = ["model", "variant", "saved_mib", "saved_vs_eager", "saved_vs_inductor",
-                 "peak_mib", "peak_vs_eager", "peak_vs_inductor", "step_ms", "step_vs_eager",
+                 "peak_mib", "peak_vs_eager", "peak_vs_inductor", "bases_mib", "step_ms", "step_vs_eager",
                  "step_vs_inductor", "tokens_per_s", "compile_s", "refresh_ms",
                  "refresh_amortised"]
 PPL_COLUMNS = ["ppl", "ppl_gap_vs_eager", "ppl_gap_vs_inductor"]
@@ -23,6 +23,7 @@ PPL_COLUMNS = ["ppl", "ppl_gap_vs_eager", "ppl_gap_vs_inductor"]
 SUITE_NOTES = """\
 saved: bytes kept for backward (saved-tensor hooks, one count per storage, parameters excluded).
 peak: rise of the peak resident memory during one step above the resident size before it.
+bases: what the PRAC basis store keeps resident between steps, like weights (not in peak).
 step: median forward+backward time; compile_s: first step minus a steady step (cold compile).
 refresh_ms: a step that refits the principal basis (probe forward + eigendecomposition);
 refresh_amortised: its extra time over refresh_every steps, as a share of a steady step.

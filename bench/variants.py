@@ -19,6 +19,11 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     part every b steps (defaults: 500, and only at refreshes)
 ``prac-R+S=s``      PRAC whose principal basis follows each batch: s subspace iterations in
                     the graph per step (``subspace_iters``), the random draw held for T2
+``budget=B``        Inductor with ``activation_memory_budget = B``
+``prac-R+mb=B``     PRAC with ``memory_budget=B``: B is a fraction of what the *uncompressed*
+                    graph keeps; the backend sets the partitioner's budget per graph
+``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
+                    the loss keep their logits as Inductor does
 ``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
                     GPT-2 the head is tied to the input embedding)
 ``random-R``        ablation: random part only (r1 = 0, k = n / r)
@@ -111,21 +116,28 @@ def by_name(spec: str) -> Variant:
     fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget}
     if spec in fixed:
         return fixed[spec]()
+    if spec.startswith("budget=") and _fraction(spec[7:]):
+        return budget(float(spec[7:]))
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
     follow = {e for e in extras if e.startswith("S=") and e[2:].isdigit()}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
-    unknown = set(extras) - {"allsites"} - timing - follow - set(budgets)
+    mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
+    unknown = set(extras) - {"allsites", "nohead"} - timing - follow - set(budgets) - set(mbs)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"prac-R[+budget[=B]][+allsites][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
         label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing | follow else f" +{e}"
                                                  for e in extras)
         options = {"exact_heads": ()} if "allsites" in extras else {}
+        if "nohead" in extras:
+            options["head_loss"] = False
+        if mbs:
+            options["memory_budget"] = float(mbs[0][3:])
         for e in timing:
             options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
         for e in follow:  # S=s: principal bases follow each batch with s subspace iterations

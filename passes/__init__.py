@@ -1,6 +1,7 @@
 """FX passes that rewrite linear/matmul sites of a Dynamo graph into PRAC-compressed ops.
 
-Modules: ``sites`` (find and classify), ``grouping`` (share one basis per input),
+Modules: ``head_loss`` (an output head and its cross-entropy loss become one exact chunked op,
+``chunked_ce``), ``sites`` (find and classify), ``grouping`` (share one basis per input),
 ``rewrite`` (insert the compressed ops and basis inputs), ``ops`` (the ops themselves),
 ``probe`` (the graph that measures activations for a basis refresh), ``pipeline`` (the order),
 ``paths`` (module and parameter paths), ``kinds`` (the names of kinds, statuses, skip reasons

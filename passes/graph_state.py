@@ -32,6 +32,8 @@ class SitePolicy(Protocol):
 
     subspace_iters: int  # > 0: principal bases follow each call's input (``passes.rewrite``)
     complement_scale: float | None  # k on the random part; None: (n - r1) / r2
+    # Optional (read with getattr; defaults True and None): ``head_loss``, whether the head and
+    # cross-entropy loss become one chunked op; ``head_loss_chunk_rows``, its rows per chunk.
 
 
 @dataclasses.dataclass
@@ -135,6 +137,7 @@ class GraphState:
     results: list[PassResult] = dataclasses.field(default_factory=list)
     stats_placeholder: str = ""  # the ``prac_stats`` input the rewrite adds after the bases
     followed: int = 0  # extra outputs: the bases of following groups, after the graph's own
+    head_losses: list = dataclasses.field(default_factory=list)  # head_loss.HeadLoss records
 
 
 PassFn = Callable[[GraphState, SitePolicy], PassResult]

@@ -11,12 +11,13 @@ from typing import Callable
 
 import torch.fx
 
-from prac_fx.passes import grouping, rewrite, sites
+from prac_fx.passes import grouping, head_loss, rewrite, sites
 from prac_fx.passes.graph_state import GraphState, PassFn, PassResult, SitePolicy
 
 log = logging.getLogger("prac_fx.passes")
 
 PIPELINE: list[tuple[str, PassFn]] = [
+    ("head_loss", head_loss.run),  # first: the head it takes is no longer a linear site
     ("find_sites", sites.run),
     ("group_sites", grouping.run),
     ("rewrite_sites", rewrite.run),

@@ -203,9 +203,10 @@ def inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs, *args, **kw
 
 
 def aot_eager(gm: torch.fx.GraphModule, example_inputs: list,
-              see: Callable[[torch.fx.GraphModule, bool], None]) -> Callable:
+              see: Callable[[torch.fx.GraphModule, bool], None], min_cut: bool = False) -> Callable:
     """AOTAutograd without Inductor: the partitioned graphs run as FX code; ``see(graph,
-    is_backward)`` is called with each first."""
+    is_backward)`` is called with each first. ``min_cut``: partition with the min-cut
+    partitioner (Inductor's), which honours ``activation_memory_budget``."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
 
@@ -217,7 +218,12 @@ def aot_eager(gm: torch.fx.GraphModule, example_inputs: list,
         see(g, True)
         return boxed_nop(g, ex)
 
-    return aot_autograd(fw_compiler=forward, bw_compiler=backward)(gm, list(example_inputs))
+    partition = {}
+    if min_cut:
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+        partition = {"partition_fn": min_cut_rematerialization_partition}
+    return aot_autograd(fw_compiler=forward, bw_compiler=backward, **partition)(gm, list(example_inputs))
 
 
 def autograd_cache_disabled():

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
+from prac_fx import budget as budget_mod
 from prac_fx import passes
 from prac_fx.basis import BasisStore
 from prac_fx.config import PracConfig
@@ -124,6 +125,8 @@ class PracBackend:
         if plan is None:
             return self._compile(gm, example_inputs, record, patches)
         try:
+            record.budget = self._budget(gm, example_inputs, plan.work,
+                                         [*example_inputs, *plan.examples])
             compiled = self._compile(plan.work, [*example_inputs, *plan.examples], record, patches)
         except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
             if torch_seam.is_dynamo_control_flow(err):
@@ -134,6 +137,7 @@ class PracBackend:
             # as when the passes fail: the record lists no sites, its note says why
             record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
             record.sites, record.groups, record.rewritten_code, record.tags = [], [], "", {}
+            record.head_losses, record.budget = [], None
             record.placement.clear()
             return self._compile(gm, example_inputs, record, patches)
         return self._bind(gm, plan, compiled, record)
@@ -151,6 +155,7 @@ class PracBackend:
             record.note = f"fallback: {type(err).__name__}: {err}"
             return None
         record.sites, record.groups, record.passes = state.sites, state.groups, state.results
+        record.head_losses = state.head_losses
         log.info("prac_fx: graph %d: %d sites matched, %d rewritten in %d groups",
                  record.index, record.matched, record.rewritten, len(state.groups))
         for site in state.sites:  # once per module and backend, not once per recompile
@@ -158,7 +163,7 @@ class PracBackend:
                 self._narrow.add(site.module)
                 log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
                             "nothing compressed there", site.module, site.n, self.config.rank)
-        if not state.groups:
+        if not state.groups and not any(h.status == kinds.REWRITTEN for h in state.head_losses):
             checkpointed = sorted({s.reason for s in state.sites
                                    if s.reason in (kinds.CHECKPOINTED, kinds.SELECTIVE)})
             record.note = "; ".join(checkpointed) or "no linear site to compress"
@@ -178,14 +183,16 @@ class PracBackend:
         work_nodes = {n.name: n for n in work.graph.nodes}
         extra = [g.basis_placeholder for g in state.groups]
         extra += [g.omega_placeholder for g in state.groups if g.omega_placeholder]
-        extra.append(state.stats_placeholder)
+        if state.stats_placeholder:
+            extra.append(state.stats_placeholder)
         examples = [work_nodes[name].meta.get("example_value") for name in extra]
         if any(e is None for e in examples):
             examples = [g.spec.zeros(d) for g, d in zip(state.groups, devices)]
             examples += [torch.zeros(g.n, g.r2, device=d) for g, d in zip(state.groups, devices)
                          if g.omega_placeholder]
-            examples.append(torch.zeros(sum(len(g.sites) for g in state.groups), 2,
-                                        device=devices[0], requires_grad=True))
+            if state.stats_placeholder:
+                examples.append(torch.zeros(sum(len(g.sites) for g in state.groups), 2,
+                                            device=devices[0], requires_grad=True))
         return _Plan(work, state, devices, examples)
 
     def _bind(self, gm: torch.fx.GraphModule, plan: _Plan, compiled: Callable,
@@ -235,11 +242,31 @@ class PracBackend:
                 group.key = key
         return owner_args
 
+    def _budget(self, gm, example_inputs, work, work_inputs) -> budget_mod.BudgetRecord | None:
+        """The partitioner budget that keeps ``memory_budget`` of what ``gm`` (unrewritten) keeps."""
+        asked = self.config.memory_budget
+        if asked is None:
+            return None
+        uncompressed = budget_mod.saved_bytes(gm, example_inputs)
+        rewritten = budget_mod.saved_bytes(work, work_inputs)
+        return budget_mod.BudgetRecord(asked, uncompressed, rewritten,
+                                       budget_mod.partitioner_budget(asked, uncompressed, rewritten))
+
     def _compile(self, gm, example_inputs, record: GraphRecord, patches: dict | None = None):
+        if self.config.memory_budget is not None and record.training and record.budget is None \
+                and self.rewrite:
+            # unrewritten (nothing to compress, or a fallback): the budget is the partitioner's own
+            record.budget = budget_mod.BudgetRecord(self.config.memory_budget, 0, 0,
+                                                    self.config.memory_budget)
+        with budget_mod.applied(record.budget):
+            return self._compile_inner(gm, example_inputs, record, patches)
+
+    def _compile_inner(self, gm, example_inputs, record: GraphRecord, patches: dict | None = None):
         if self.compiler == "eager":
+            # the default partitioner has no budget: with one, the min-cut partitioner
             return torch_seam.aot_eager(
-                gm, example_inputs,
-                lambda g, is_backward: record.capture(g, is_backward))
+                gm, example_inputs, lambda g, is_backward: record.capture(g, is_backward),
+                min_cut=self.config.memory_budget is not None)
 
         def inner(g, ex, *args, **kwargs):
             record.capture(g, kwargs.get("is_backward", False))
@@ -291,7 +318,7 @@ def backend(*, rank: int | float = 0.25, compiler: str = "inductor", **options) 
 
     Keyword arguments are the fields of ``PracConfig`` (``rank``, ``split``, ``refresh_every``,
     ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``, ``exact_heads``,
-    ``subspace_iters``);
+    ``subspace_iters``, ``head_loss``, ``head_loss_chunk_rows``, ``memory_budget``);
     ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
     debugging).
     """

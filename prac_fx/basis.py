@@ -31,16 +31,20 @@ log = logging.getLogger("prac_fx")
 
 @dataclasses.dataclass
 class GroupBasis:
+    """One group's basis. P (``basis``, float32, on ``device``) is what is kept between steps: Q1
+    is its first r1 columns and Q2 its other columns divided by sqrt(k), so ``q1`` and ``q2``
+    are CPU copies made on demand (a refresh, a redraw, a checkpoint), not resident tensors.
+    That halves the persistent bytes at the same rank (n r floats instead of 2 n r). On an
+    accelerator Q1 alone is also kept on the host (n r1 floats), so that a redraw projects on
+    the CPU without reading the device."""
+
     spec: BasisSpec
     device: torch.device
-    q1: torch.Tensor | None = None  # (n, r1) float32, on CPU
-    q2: torch.Tensor | None = None  # (n, r2) float32, on CPU
     basis: torch.Tensor | None = None  # (n, r1 + r2) float32, on ``device``
     calls: int = 0
     refreshes: int = 0
     resamples: int = 0
     omega: torch.Tensor | None = None  # (n, r2) float32 on ``device``: a following group's draw
-    q1_in_basis: bool = False  # Q1 is the first r1 columns of ``basis`` (set by ``follow``)
     # (sites, 2) float32 on ``device``: moving averages of each site's [||A1||^2, ||A2||^2]
     stats: torch.Tensor | None = None
 
@@ -55,6 +59,52 @@ class GroupBasis:
     @property
     def r2(self) -> int:
         return self.spec.r2
+
+    scale: float = 1.0  # k: P = [Q1, sqrt(k) Q2]
+    _q1_new: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # refit, not yet in P
+    _q1_host: torch.Tensor | None = dataclasses.field(default=None, repr=False)  # off-CPU devices
+
+    @property
+    def has_q1(self) -> bool:
+        """Whether a principal basis has been fitted (or drawn) yet."""
+        return self.r1 > 0 and (self._q1_new is not None or self.basis is not None)
+
+    @property
+    def q1(self) -> torch.Tensor | None:
+        """(n, r1) float32 on the CPU, or None before the first refresh."""
+        if self._q1_new is not None:
+            return self._q1_new
+        if not self.has_q1:
+            return None
+        if self._q1_host is not None:
+            return self._q1_host
+        return self.basis[:, :self.r1].to("cpu", torch.float32).contiguous()
+
+    @q1.setter
+    def q1(self, value: torch.Tensor | None) -> None:
+        self._q1_new = value
+
+    @property
+    def q2(self) -> torch.Tensor | None:
+        """(n, r2) float32 on the CPU, or None: P's random columns without their scale."""
+        if self.basis is None or self.r2 == 0:
+            return None
+        return (self.basis[:, self.r1:].to("cpu", torch.float64) / math.sqrt(self.scale)).float()
+
+    @property
+    def persistent_bytes(self) -> int:
+        total = 0
+        for t in (self.basis, self._q1_host, self.omega):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def keep_q1_on_host(self) -> None:
+        """Off the CPU, keep a host copy of Q1 (read before P moves or is replaced)."""
+        q1 = self._q1_new if self._q1_new is not None else (
+            self.basis[:, :self.r1].to("cpu", torch.float32).contiguous()
+            if self.basis is not None and self.r1 > 0 and self.basis.device.type == "cpu" else self._q1_host)
+        self._q1_host = q1 if torch.device(self.device).type != "cpu" else None
 
 
 STATE_VERSION = 2  # 2: keys name modules as the model does, whatever Dynamo called its root
@@ -127,6 +177,7 @@ class BasisStore:
             )
         elif group.device != device:  # loaded from a checkpoint before the graph was compiled
             group.device = device
+            group.keep_q1_on_host()
             if group.basis is not None:
                 group.basis = group.basis.to(device).contiguous()
             if group.omega is not None:
@@ -145,7 +196,7 @@ class BasisStore:
     # -- when -----------------------------------------------------------------------------------
     def due_refresh(self, key: str) -> bool:
         g = self.groups[key]
-        return g.r1 > 0 and (g.q1 is None or g.calls % self.config.refresh_every == 0)
+        return g.r1 > 0 and (not g.has_q1 or g.calls % self.config.refresh_every == 0)
 
     def due_resample(self, key: str) -> bool:
         g = self.groups[key]
@@ -166,7 +217,7 @@ class BasisStore:
                     self._warn_once(key, f"basis refresh of {key!r} failed ({err}); keeping the previous basis")
             else:
                 self._warn_once(key, f"activation of {key!r} has NaN/Inf at a refresh; keeping the previous basis")
-        if q1 is None and g.q1 is None:
+        if q1 is None and not g.has_q1:
             # No usable activation yet: any orthonormal Q1 keeps P unbiased; draw one.
             q1 = self._orthonormal(torch.randn(g.n, g.r1, generator=self.generator, dtype=torch.float64))
         if q1 is not None:
@@ -180,33 +231,35 @@ class BasisStore:
 
     def follow(self, key: str, basis: torch.Tensor) -> None:
         """Keep the basis a following group's graph built for this call: the next call's warm
-        start. Rebinds (the tensor the graph returned is new), never copies in place."""
+        start. Rebinds (the tensor the graph returned is new), never copies in place. Q1 is
+        now P's first columns: a pending refit or a host copy of an older Q1 no longer holds."""
         g = self.groups[key]
         g.basis = basis.detach()
-        g.q1_in_basis = True
-
-    def _sync_q1(self, g: GroupBasis) -> None:
-        if g.q1_in_basis and g.basis is not None:
-            g.q1 = g.basis[:, :g.r1].detach().to("cpu", torch.float32).contiguous()
-            g.q1_in_basis = False
+        g.q1 = None
+        g._q1_host = None
 
     def resample(self, key: str) -> None:
         g = self.groups[key]
-        self._sync_q1(g)
-        parts = [] if g.q1 is None else [g.q1]
+        q1_now = g.q1  # (n, r1) on the CPU: the refit one, else P's own first columns
+        parts = [] if q1_now is None else [q1_now]
         if g.r2 > 0:
-            q1 = None if g.q1 is None else g.q1.double()
+            q1 = None if q1_now is None else q1_now.double()
             draw = torch.randn(g.n, g.r2, generator=self.generator, dtype=torch.float64)
+            if self.follows(key):
+                # the raw Gaussian draw: the graph projects it against each call's own Q1, and
+                # only an isotropic draw gives a Haar complement whatever that Q1 is
+                g.omega = draw.float().to(g.device).contiguous()
             for _ in range(2):  # project twice: one pass leaves O(eps * cond) leakage into Q1
                 if q1 is not None:
                     draw = draw - q1 @ (q1.t() @ draw)
-            if self.follows(key):  # the graph projects it against each call's own Q1
-                g.omega = draw.float().to(g.device).contiguous()
             q2 = self._orthonormal(draw)
             scale = self.config.complement_scale
             k = (g.n - g.r1) / g.r2 if scale is None else float(scale)
-            g.q2 = q2.float()
+            g.scale = k
             parts.append((math.sqrt(k) * q2).float())
+        g.q1 = q1_now
+        g.keep_q1_on_host()
+        g.q1 = None  # now P's first r1 columns (and the host copy, off the CPU)
         g.basis = torch.cat(parts, dim=1).to(g.device).contiguous()
         g.resamples += 1
 
@@ -248,6 +301,10 @@ class BasisStore:
     def basis(self, key: str) -> torch.Tensor:
         return self.groups[key].basis
 
+    def persistent_bytes(self) -> int:
+        """Bytes the store keeps between steps (the bases P; Q1 and Q2 are not kept apart)."""
+        return sum(g.persistent_bytes for g in self.groups.values())
+
     def advance(self, key: str) -> None:
         self.groups[key].calls += 1
 
@@ -272,8 +329,6 @@ class BasisStore:
 
     def state_dict(self) -> dict:
         self._ensure_seeded()
-        for g in self.groups.values():
-            self._sync_q1(g)
         return {
             "version": STATE_VERSION,
             "generator": self.generator.get_state(),
@@ -314,7 +369,13 @@ class BasisStore:
             device = g.device if g is not None else torch.device("cpu")
             g = self.groups[key] = GroupBasis(BasisSpec(s["n"], s["r1"], s["r2"]), device)
             g.calls, g.refreshes, g.resamples = s["calls"], s["refreshes"], s["resamples"]
-            g.q1, g.q2 = s["q1"], s["q2"]
-            g.basis = None if s["basis"] is None else s["basis"].to(device).contiguous()
+            scale = self.config.complement_scale
+            g.scale = ((g.n - g.r1) / g.r2 if g.r2 else 1.0) if scale is None else float(scale)
+            basis = s["basis"]
+            g.basis = None if basis is None else basis.contiguous()  # on the CPU first: Q1 from it
+            g.keep_q1_on_host()
+            g.basis = None if basis is None else basis.to(device).contiguous()
+            if g.basis is None and s.get("q1") is not None:
+                g.q1 = s["q1"]  # fitted, never drawn: the next resample builds P from it
             omega = s.get("omega")
             g.omega = None if omega is None else omega.to(device).contiguous()

@@ -82,6 +82,22 @@ class PracConfig:
         complement_scale: the factor k on the random part (P = [Q1, sqrt(k) Q2]). None uses
             the unbiased, minimum-variance k = (n - r1) / r2 (PRAC, arXiv 2602.23111); other
             values exist for ablations and make the weight gradient biased.
+        head_loss: whether an output head that feeds a cross-entropy loss and the loss become
+            one exact op that computes the loss chunk by chunk over rows and keeps no logits
+            for backward (``passes/head_loss.py``; it saves the head input, the labels and a
+            per-row log-sum-exp, and recomputes each chunk's logits in the backward). Loss and
+            gradients stay exact. False leaves the head and loss as they are. It takes the
+            head whatever ``exact_heads`` says: the loss's input gradient needs the exact
+            logits, which a compressed copy of the head input cannot give, so the op saves
+            the head input itself (still far less than the logits).
+        head_loss_chunk_rows: rows per chunk of that op. None chooses them from the sizes, so
+            that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32).
+        memory_budget: None, or a fraction in [0, 1] of what the *uncompressed* graph would keep
+            for backward. The backend measures that and the rewritten graph's default, and hands
+            the min-cut partitioner the ``activation_memory_budget`` that keeps this many bytes,
+            for that graph's compile only (``prac_fx/budget.py``). Where compression alone keeps
+            no more, nothing is recomputed. The report shows the budget asked for and the bytes
+            kept.
     """
 
     rank: int | float = 0.25
@@ -93,6 +109,9 @@ class PracConfig:
     complement_scale: float | None = None
     exact_heads: tuple[str, ...] = HEADS
     subspace_iters: int = 0
+    head_loss: bool = True
+    head_loss_chunk_rows: int | None = None
+    memory_budget: float | None = None
 
     def __post_init__(self):
         rank, split = self.rank, self.split
@@ -141,6 +160,17 @@ class PracConfig:
                 or not 0 <= self.subspace_iters <= 8:
             raise ValueError(f"subspace_iters must be an int in [0, 8] (subspace iterations per "
                              f"training call), got {self.subspace_iters!r}")
+        if not isinstance(self.head_loss, bool):
+            raise ValueError(f"head_loss must be True or False, got {self.head_loss!r}")
+        budget = self.memory_budget
+        if budget is not None and (not _is_number(budget) or not 0.0 <= budget <= 1.0):
+            raise ValueError(f"memory_budget must be None or a fraction in [0, 1] of what the "
+                             f"uncompressed graph keeps for backward, got {budget!r}")
+        chunk = self.head_loss_chunk_rows
+        if chunk is not None and (not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool)
+                                  or chunk < 1):
+            raise ValueError(f"head_loss_chunk_rows must be an int >= 1 (rows per chunk) or None, "
+                             f"got {chunk!r}")
         if self.complement_scale is not None and (
             not _is_number(self.complement_scale) or self.complement_scale <= 0
         ):

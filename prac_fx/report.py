@@ -109,12 +109,19 @@ class GraphRecord:
     forward_code: str = ""
     backward_code: str = ""
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # group key -> status
+    head_losses: list = dataclasses.field(default_factory=list)  # passes.head_loss.HeadLoss
+    budget: object = None  # prac_fx.budget.BudgetRecord when memory_budget is set
     saved: list[dict] = dataclasses.field(default_factory=list)  # what the forward keeps for backward
     _forward_ops: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def matched(self) -> int:
         return sum(1 for s in self.sites if s.kind in kinds.LINEAR_KINDS and s.weight)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes the compiled forward keeps for backward, graph inputs excluded."""
+        return sum(s["bytes"] for s in self.saved if s.get("op") not in ("input", "placeholder"))
 
     @property
     def rewritten(self) -> int:
@@ -190,10 +197,42 @@ class Report:
                  "notes": "; ".join(r.notes)}
                 for g in self.graphs for r in g.passes]
 
+    def head_rows(self) -> list[dict]:
+        """One row per cross-entropy loss the head_loss pass looked at."""
+        return [{"graph": g.index, "node": h.node, "module": h.module, "rows": h.rows,
+                 "vocab": h.vocab, "reduction": h.reduction, "chunk rows": h.chunk_rows,
+                 "status": h.status if h.status == "rewritten" else f"skipped: {h.reason}",
+                 "logits kept before": h.saved_bytes_before, "after": h.saved_bytes_after}
+                for g in self.graphs for h in g.head_losses]
+
+    def budget_lines(self) -> list[str]:
+        """Per training graph with ``memory_budget``: asked, measured, used and kept."""
+        MiB = 2**20
+        out = []
+        for g in self.graphs:
+            b = g.budget
+            if b is None:
+                continue
+            kept = f"{g.kept_bytes / MiB:.2f} MiB kept" if g.saved else "kept: after the first backward"
+            if b.uncompressed_bytes:
+                out.append(f"graph {g.index}: memory_budget {b.asked:g} of {b.uncompressed_bytes / MiB:.2f} "
+                           f"MiB uncompressed = {b.target_bytes / MiB:.2f} MiB; rewritten keeps "
+                           f"{b.rewritten_bytes / MiB:.2f} MiB by default; partitioner budget "
+                           f"{b.partitioner_budget:.3f}; {kept}")
+            else:
+                out.append(f"graph {g.index}: memory_budget {b.asked:g} (graph not rewritten: "
+                           f"partitioner budget {b.partitioner_budget:g}); {kept}")
+        return out
+
     def table(self, include_skipped: bool = False) -> str:
         from tabulate import tabulate
 
         rows = self.rows(include_skipped)
         head = (f"{self.sites_matched} linear sites with a trained weight, "
                 f"{self.sites_rewritten} rewritten, in {len(self.graphs)} graph(s)")
-        return head + ("\n" + tabulate(rows, headers="keys") if rows else "")
+        out = head + ("\n" + tabulate(rows, headers="keys") if rows else "")
+        heads = self.head_rows()
+        if heads:
+            out += "\nhead + loss\n" + tabulate(heads, headers="keys")
+        lines = self.budget_lines()
+        return out + ("\n" + "\n".join(lines) if lines else "")

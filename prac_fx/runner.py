@@ -101,9 +101,13 @@ class PracRunner:
                 self.store.refresh(key, gram)
         log.debug("refreshed %d bases", len(due))
 
-    def _stats(self, device, requires_grad: bool) -> torch.Tensor:
-        return torch.zeros(self.n_sites, 2, dtype=torch.float32, device=device,
-                           requires_grad=requires_grad)
+    def _stats(self, device, requires_grad: bool) -> list[torch.Tensor]:
+        """The statistics input, as a list to append to the arguments: empty for a graph with
+        no compressed site (only its head and loss rewritten)."""
+        if not self.n_sites:
+            return []
+        return [torch.zeros(self.n_sites, 2, dtype=torch.float32, device=device,
+                            requires_grad=requires_grad)]
 
     def collect(self) -> None:
         """Move the squared norms of every call whose backward has run into the store."""
@@ -136,7 +140,7 @@ class PracRunner:
                                         device=self.store.groups[key].device)
                 omegas.append(omega)
         stats = self._stats(bases[0].device if bases else None, True)
-        return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, stats]))[0]
+        return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]))[0]
 
     def _split(self, out):
         """The graph's own outputs, and the bases its following groups built (``follow_basis``)."""
@@ -172,13 +176,14 @@ class PracRunner:
                 omegas.append(store.groups[key].omega)
         for spec, key, basis in zip(self.specs, keys, bases):
             spec.check(basis, key)
-        stats = self._stats(bases[0].device, training)
-        out, followed = self._split(call_compiled(self.compiled, [*args, *bases, *omegas, stats]))
+        stats = self._stats(bases[0].device if bases else None, training)
+        out, followed = self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]))
         if training:
             followers = [k for g, k in zip(self.groups, keys) if g.omega_placeholder]
             for key, basis in zip(followers, followed):
                 store.follow(key, basis)
-            self._pending.append((stats, keys))
+            if stats:
+                self._pending.append((stats[0], keys))
             for key in keys:
                 store.advance(key)
         return out

@@ -73,7 +73,7 @@ def test_harness_rows_have_every_column(tiny_rows):
     names, rows = tiny_rows
     assert [r.variant for r in rows] == [variants.by_name(n).name for n in names]
     optional = {"refresh_ms", "refresh_every", "refresh_amortised", "ppl", "ppl_gap_vs_eager",
-                "ppl_gap_vs_inductor"}
+                "ppl_gap_vs_inductor", "bases_mib"}
     for r in rows:
         for f in dataclasses.fields(Row):
             value = getattr(r, f.name)
@@ -88,6 +88,7 @@ def test_harness_rows_have_every_column(tiny_rows):
     assert prac.saved_mib < inductor.saved_mib
     assert prac.refresh_every == 500 and prac.refresh_ms > 0 and not math.isnan(prac.refresh_amortised)
     assert math.isnan(inductor.refresh_ms)
+    assert math.isnan(inductor.bases_mib) and prac.bases_mib > 0  # resident bases, PRAC only
     table = report.suite_table(rows)
     for col in report.SUITE_COLUMNS:
         assert col in table
@@ -217,6 +218,9 @@ def test_finetune_rows_pair_seeds_and_add_means():
 
 def test_budget_value_in_a_variant_name():
     assert variants.by_name("prac-n/4+budget=0.7").name == "prac r=n/4 +budget=0.7"
+    assert variants.by_name("budget=0.3").name == "inductor budget=0.3"
+    assert variants.by_name("prac-n/4+mb=0.5").name == "prac r=n/4 +mb=0.5"
+    assert variants.by_name("prac-n/4+nohead").name == "prac r=n/4 +nohead"
     for bad in ("prac-n/4+budget=2", "prac-n/4+budget=x", "prac-n/4+budget+budget=0.7"):
         with pytest.raises(ValueError):
             variants.by_name(bad)

@@ -9,6 +9,7 @@ import torch
 
 import prac_fx
 from prac_fx import diff
+from prac_fx.diff import breakdown
 from prac_fx.diff import memory, render, workload
 from prac_fx.config import PracConfig
 
@@ -133,7 +134,7 @@ def _check_schema(report):
     """The JSON schema documented in prac_fx/diff.py."""
     assert report["schema"] == diff.SCHEMA
     assert set(report) == {"schema", "model", "config", "graphs", "notes", "summary", "sites", "saved",
-                           "flops", "diffs"}
+                           "heads", "flops", "diffs"}
     assert all(set(g) == {"index", "note"} for g in report["graphs"])
     assert set(report["model"]) == {"spec", "label", "settings"}
     assert set(report["config"]) == {"rank", "split", "exclude"}
@@ -141,9 +142,14 @@ def _check_schema(report):
                  "status", "reason", "compressed_copy"}
     assert all(set(s) == site_keys for s in report["sites"])
     saved = report["saved"]
-    assert set(saved) == {"rows", "totals", "measured", "agrees", "removed", "added"}
+    assert set(saved) == {"rows", "totals", "measured", "agrees", "removed", "added", "by_category"}
+    assert set(saved["by_category"]) <= set(breakdown.CATEGORIES)
+    assert all(set(v) == {"inductor", "prac"} for v in saved["by_category"].values())
+    head_keys = {"graph", "node", "module", "rows", "vocab", "reduction", "chunk_rows",
+                 "returns_logits", "status", "reason", "saved_before", "saved_after"}
+    assert all(set(h) == head_keys for h in report["heads"])
     assert set(saved["totals"]) == {"inductor", "prac", "ratio", "bases"}
-    tensor_keys = {"name", "shape", "dtype", "bytes", "op", "kind", "storage", "counted"}
+    tensor_keys = {"name", "shape", "dtype", "bytes", "op", "kind", "storage", "counted", "category"}
     for row in saved["rows"]:
         assert row["change"] in ("kept", "removed", "added")
         for side in ("inductor", "prac"):
@@ -200,5 +206,30 @@ def test_preset_totals_agree_with_hooks(preset):
     work = workload.load(preset, layers=1, width=32, seq=16, batch=2, vocab=64)
     rep = diff.compare(work, PracConfig(rank=8), graphs=())
     assert rep["saved"]["agrees"], (rep["saved"]["totals"], rep["saved"]["measured"])
-    assert rep["summary"]["rewritten"] == rep["summary"]["sites"] - 1 > 0  # all but lm_head
+    # every linear site; lm_head went, with the loss, to the exact head-and-loss op
+    assert rep["summary"]["rewritten"] == rep["summary"]["sites"] > 0
     assert rep["diffs"] == []
+
+
+def test_saved_bytes_by_category_add_up(report):
+    """The breakdown splits the counted totals, nothing more and nothing lost."""
+    by = report["saved"]["by_category"]
+    for side in ("inductor", "prac"):
+        assert sum(v[side] for v in by.values()) == report["saved"]["totals"][side]
+    assert by["bases"]["inductor"] == 0 and by["bases"]["prac"] == report["saved"]["totals"]["bases"] > 0
+    assert by["linear inputs and copies"]["prac"] < by["linear inputs and copies"]["inductor"]
+
+
+def test_head_rewrite_is_shown():
+    """A causal LM: the head + loss row, its bytes before and after, the mark in the graph diff,
+    and the logits gone from the "head and loss" category."""
+    work = workload.load("gpt2", layers=1, width=32, seq=16, batch=2, vocab=512)
+    rep = diff.compare(work, PracConfig(rank=8), graphs=("dynamo",))
+    (head,) = rep["heads"]
+    assert head["status"] == "rewritten" and head["module"] == "lm_head" and head["vocab"] == 512
+    assert head["saved_before"] == 2 * 16 * 512 * 4 and head["saved_after"] == 2 * 16 * 4
+    by = rep["saved"]["by_category"]["head and loss"]
+    assert by["inductor"] >= head["saved_before"] and by["prac"] <= head["saved_after"]
+    text = render.text(rep)
+    assert "Output head and loss" in text and "head + loss -> chunked LinearCrossEntropy" in text
+    assert "Saved for backward by what keeps it" in render.as_html(rep)

@@ -44,7 +44,8 @@ def test_full_rank_gradients_match_eager(name, compiler):
     torch._dynamo.reset()
     model, ids = _model(name), _ids()
     ref_loss, _, ref = _step(model, ids)
-    be = prac_fx.backend(rank=1.0, compiler=compiler, exact_heads=())
+    # head_loss=False: this counts the compressed head (tests/test_head_loss.py takes it whole)
+    be = prac_fx.backend(rank=1.0, compiler=compiler, exact_heads=(), head_loss=False)
     loss, _, grads = _step(torch.compile(model, backend=be, fullgraph=True), ids)
     torch.testing.assert_close(loss, ref_loss)
     worst = max(rel_err(grads[k], ref[k]) for k in ref)
@@ -76,12 +77,14 @@ def test_low_rank_loss_and_input_grad_exact(low_rank):
 
 
 def test_output_head_stays_exact_by_default(low_rank):
-    """lm_head is skipped as an output head; Llama's untied head gets its exact gradient."""
+    """lm_head is taken whole, with the loss, by the exact head-and-loss op (no site compresses
+    it); Llama's untied head gets its exact gradient."""
     name, model, ids, be, compiled, _ = low_rank
     _, _, ref = _step(model, ids)
     _, _, grads = _step(compiled, ids)
-    heads = [r for r in be.report().rows() if r["module"] == "lm_head"]
-    assert heads and all(r["status"] == "skipped: output head" for r in heads), heads
+    assert not [r for r in be.report().rows() if r["module"] == "lm_head"]
+    heads = [h for g in be.graphs for h in g.head_losses]
+    assert heads and all(h.status == "rewritten" and h.module == "lm_head" for h in heads), heads
     first = next(g for g in be.graphs if g.training)
     assert first.rewritten == EXPECTED_SITES[name][0] - 1
     if name == "llama":  # GPT-2's head weight is the tied embedding, which sums two gradients

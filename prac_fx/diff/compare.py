@@ -57,7 +57,13 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
         "measured": {"inductor": int, "prac": int},  # saved_tensors_hooks, same step
         "agrees": bool,
         "removed": [{"graph": int, "name": str, "bytes": int}],  # counted tensors the pass
-        "added": [{"graph": int, "name": str, "bytes": int}]},   # removed / added
+        "added": [{"graph": int, "name": str, "bytes": int}],    # removed / added
+        "by_category": {CATEGORY: {"inductor": int, "prac": int}}},  # counted bytes
+      "heads": [{"graph": int, "node": str, "module": str,  # cross-entropy nodes the
+                 "rows": int | null, "vocab": int | null,  # head-and-loss pass looked at
+                 "reduction": str, "chunk_rows": int | null, "returns_logits": bool,
+                 "status": "rewritten" | "skipped", "reason": str | null,
+                 "saved_before": int, "saved_after": int}],  # logits bytes the loss keeps
       "flops": {
         "sites": [{"graph": int, "module": str, "N": int, "n": int, "m": int, "r": int,
                    "exact": int, "factored": int}],   # weight-gradient matmul flops;
@@ -73,7 +79,11 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
               "op": str,                             # aten op that produced it, "input"
               "kind": "activation" | "input" | "basis" | "parameter",
               "storage": str,                        # node owning the storage it views
-              "counted": int}                        # bytes it adds to the total
+              "counted": int,                        # bytes it adds to the total
+              "category": CATEGORY}
+
+    CATEGORY = "linear inputs and copies" | "attention" | "nonlinear inputs" | "head and loss"
+               | "bases" | "other"                   # what keeps it (prac_fx/diff/breakdown.py)
 
 Flops: the exact weight gradient of a site costs ``2 N n m``; the factored one
 ``2 (N r m + m r n)`` (arXiv 2605.01255, dW = (dY^T (X P)) P^T); a skipped site keeps the exact
@@ -86,6 +96,7 @@ from typing import Callable
 
 from prac_fx.backend import PracBackend
 from prac_fx.config import PracConfig
+from prac_fx.diff import breakdown
 from prac_fx.diff.capture import DynamoInfo, capture
 from prac_fx.diff.flops import flops
 from prac_fx.diff.graphs import graph_diffs
@@ -151,7 +162,9 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
     for i, (b, p) in enumerate(zip(base.records, prac.records)):
         d, fw_map = graph_diffs(i, b, p, graphs, context)
         diffs += d
-        saved_rows += pair(i, saved(b, base.infos[i], {}), saved(p, prac.infos[i], fw_map))
+        vocabs = {h.vocab for h in p.head_losses if h.vocab}
+        saved_rows += pair(i, saved(b, base.infos[i], {}, vocabs),
+                           saved(p, prac.infos[i], fw_map, vocabs))
         graph_notes.append({"index": i, "note": p.note})
     if len(base.records) != len(prac.records):
         notes.append(f"graph counts differ: inductor {len(base.records)}, prac {len(prac.records)}; "
@@ -180,7 +193,9 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
             "agrees": totals["inductor"] == measured["inductor"] and totals["prac"] == measured["prac"],
             "removed": changed(saved_rows, "removed", "inductor"),
             "added": changed(saved_rows, "added", "prac"),
+            "by_category": breakdown.totals(saved_rows),
         },
+        "heads": breakdown.head_rows(prac.records),
         "flops": flops(sites, groups),
         "diffs": diffs,
     }

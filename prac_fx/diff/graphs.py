@@ -7,7 +7,7 @@ saved-tensor table names tensors by it).
 """
 from __future__ import annotations
 
-from prac_fx.diff import graph_text
+from prac_fx.diff import breakdown, graph_text
 from prac_fx.passes import kinds
 from prac_fx.passes.kinds import LINEAR_KINDS
 from prac_fx.diff.saved import is_view_op, short_op
@@ -96,7 +96,8 @@ def graph_diffs(index: int, base: GraphRecord, prac: GraphRecord, kinds, context
         after, mapping = graph_text.align(before, after)
         marks_after = _tag_marks(prac.tags, groups, mapping)
         add("dynamo", f"graph {index}: dynamo graph", f"graph {index}: after the PRAC passes",
-            before, after, _site_marks(prac.sites), marks_after)
+            before, after, {**_site_marks(prac.sites), **breakdown.head_marks(prac.head_losses)},
+            marks_after)
 
     base_fw, prac_fw = graph_text.normalise(base.forward_code), graph_text.normalise(prac.forward_code)
     base_bw, prac_bw = graph_text.normalise(base.backward_code), graph_text.normalise(prac.backward_code)

@@ -133,6 +133,27 @@ def saved_summary(report: dict) -> list[str]:
     return lines
 
 
+def category_rows(report: dict) -> tuple[list[str], list[list]]:
+    """Saved bytes by what keeps them (``prac_fx/diff/breakdown.py``), inductor -> prac."""
+    head = ["kept by", "inductor", "prac", "change"]
+    rows = [[name, human_bytes(v["inductor"]), human_bytes(v["prac"]),
+             human_bytes(v["prac"] - v["inductor"])]
+            for name, v in report["saved"].get("by_category", {}).items()]
+    return head, rows
+
+
+def head_table_rows(report: dict) -> tuple[list[str], list[list]]:
+    head = ["graph", "loss node", "head", "rows", "vocab", "reduction", "chunk rows", "status",
+            "logits kept before", "after"]
+    rows = [[h["graph"], h["node"], h["module"], _blank(h["rows"]), _blank(h["vocab"]),
+             h["reduction"], _blank(h["chunk_rows"]),
+             h["status"] if h["status"] == "rewritten" else f"skipped: {h['reason']}",
+             human_bytes(h["saved_before"]) if h["status"] == "rewritten" else "",
+             human_bytes(h["saved_after"]) if h["status"] == "rewritten" else ""]
+            for h in report.get("heads", [])]
+    return head, rows
+
+
 def flop_summary(report: dict) -> str:
     f = report["flops"]
     return (f"weight-gradient matmuls: {human_flops(f['exact'])} -> {human_flops(f['factored'])} "
@@ -168,6 +189,14 @@ def text(report: dict, *, color: bool = False) -> str:
         style = {"removed": "red", "added": "green"}.get(change)
         out.append(c(style, line) if style else line)
     out += saved_summary(report)
+    head, rows = category_rows(report)
+    if rows:
+        out += ["", c("bold", "Saved for backward by what keeps it")]
+        out += tabulate(rows, headers=head).splitlines()
+    head, rows = head_table_rows(report)
+    if rows:
+        out += ["", c("bold", "Output head and loss")]
+        out += tabulate(rows, headers=head).splitlines()
 
     out += ["", c("bold", "Weight-gradient flops (per step)")]
     head, rows = flop_rows(report)
@@ -258,6 +287,12 @@ def as_html(report: dict) -> str:
     parts += ["<h2>Saved for backward</h2>",
               _table(head, rows, [c if c != "kept" else "" for c in changes]),
               "<ul>" + "".join(f"<li>{e(line)}</li>" for line in saved_summary(report)) + "</ul>"]
+    head, rows = category_rows(report)
+    if rows:
+        parts += ["<h2>Saved for backward by what keeps it</h2>", _table(head, rows)]
+    head, rows = head_table_rows(report)
+    if rows:
+        parts += ["<h2>Output head and loss</h2>", _table(head, rows)]
     head, rows = flop_rows(report)
     parts += ["<h2>Weight-gradient flops</h2>", _table(head, rows), f"<p>{e(flop_summary(report))}</p>"]
     parts.append("<h2>Graph diffs</h2>")

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from prac_fx.diff import graph_text
+from prac_fx.diff import breakdown, graph_text
 from prac_fx.diff.capture import DynamoInfo
 from prac_fx.report import GraphRecord
 
@@ -84,12 +84,16 @@ def short_op(op: str) -> str:
     return op
 
 
-def saved(record: GraphRecord, info: DynamoInfo, names: dict[str, str]) -> list[dict]:
-    """The saved tensors of one graph with kind, storage owner and counted bytes."""
+def saved(record: GraphRecord, info: DynamoInfo, names: dict[str, str],
+          vocabs: set[int] = frozenset()) -> list[dict]:
+    """The saved tensors of one graph with kind, storage owner, counted bytes and category."""
     fw = graph_text.parse(record.forward_code)
     inputs = [n.name for n in fw.values() if n.op == "input"]
     input_kind = {name: (info.inputs[i] if i < len(info.inputs) else "basis")
                   for i, name in enumerate(inputs)}
+    category = breakdown.categories(record.forward_code, record.backward_code,
+                                    [e["name"] for e in record.saved],
+                                    {n for n, k in input_kind.items() if k == "basis"}, set(vocabs))
     counted: set[str] = set()
     out = []
     for entry in record.saved:
@@ -116,6 +120,7 @@ def saved(record: GraphRecord, info: DynamoInfo, names: dict[str, str]) -> list[
             "kind": kind,
             "storage": names.get(base_name, base_name),
             "counted": size,
+            "category": category.get(entry["name"], "other"),
         })
     return out
 

@@ -1,0 +1,125 @@
+"""passes/chunked_ce.py: the chunked head + cross-entropy against eager F.linear + F.cross_entropy."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prac_fx.passes.chunked_ce import LinearCrossEntropy, chunk_rows_for
+
+N_IN, VOCAB = 16, 37
+
+
+def _inputs(shape, bias, ignore_rows=(), all_ignored=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, N_IN, generator=g, dtype=torch.float32)
+    w = torch.randn(VOCAB, N_IN, generator=g) * 0.3
+    b = torch.randn(VOCAB, generator=g) if bias else None
+    rows = math.prod(shape)
+    labels = torch.randint(0, VOCAB, (rows,), generator=g)
+    for r in ignore_rows:
+        labels[r] = -100
+    if all_ignored:
+        labels[:] = -100
+    return x, w, b, labels
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def _eager(x, w, b, labels, reduction, upcast=True):
+    logits = F.linear(x, w, b)
+    flat = (logits.float() if upcast else logits).reshape(-1, VOCAB)
+    return F.cross_entropy(flat, labels, ignore_index=-100, reduction=reduction), logits
+
+
+def _grads(loss, ts):
+    ts = [t for t in ts if t is not None]
+    return torch.autograd.grad(loss, ts, allow_unused=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(12,), (3, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_loss_and_gradients_match_eager(reduction, bias, shape, chunk):
+    x, w, b, labels = _inputs(shape, bias, ignore_rows=(0, 5, 7))
+    ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
+    ref, _ = _eager(*ref_leaves, labels, reduction)
+    got = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, chunk, True, False)
+    torch.testing.assert_close(got, ref)
+    for a, e in zip(_grads(got, leaves), _grads(ref, ref_leaves)):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_label_ignored_matches_eager(reduction):
+    """Mean over no valid row is 0/0 = NaN in eager; sum is 0; gradients are zero (or NaN) alike."""
+    x, w, b, labels = _inputs((2, 4), True, all_ignored=True)
+    ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
+    ref, _ = _eager(*ref_leaves, labels, reduction)
+    got = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, 3, True, False)
+    torch.testing.assert_close(got, ref, equal_nan=True)
+    assert torch.isnan(got).item() == torch.isnan(ref).item()
+    for a, e in zip(_grads(got, leaves), _grads(ref, ref_leaves)):
+        torch.testing.assert_close(a, e, equal_nan=True)
+
+
+def test_other_ignore_index():
+    x, w, b, labels = _inputs((10,), False)
+    labels[[1, 2]] = 3
+    ref = F.cross_entropy(F.linear(x, w), labels, ignore_index=3)
+    got = LinearCrossEntropy.apply(x, w, None, labels, 3, "mean", 4, False, False)
+    torch.testing.assert_close(got, ref)
+
+
+def test_returned_logits_carry_their_gradient():
+    """A gradient sent into the returned logits reaches x, W and b as through F.linear."""
+    x, w, b, labels = _inputs((2, 6), True, ignore_rows=(3,))
+    ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
+    ref_loss, ref_logits = _eager(*ref_leaves, labels, "mean")
+    loss, logits = LinearCrossEntropy.apply(*leaves, labels, -100, "mean", 5, True, True)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(logits, ref_logits)
+    assert logits.shape == (2, 6, VOCAB)
+    aux = lambda lg: (lg.sin() * torch.arange(VOCAB)).mean()  # noqa: E731
+    for a, e in zip(_grads(loss + aux(logits), leaves), _grads(ref_loss + aux(ref_logits), ref_leaves)):
+        torch.testing.assert_close(a, e)
+
+
+def test_no_upcast_keeps_dtype():
+    x, w, b, labels = _inputs((8,), False)
+    x, w = x.double(), w.double()
+    got = LinearCrossEntropy.apply(x, w, None, labels, -100, "sum", 3, False, False)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, F.cross_entropy(F.linear(x, w), labels, reduction="sum"))
+
+
+def test_saves_no_rows_by_vocab_tensor():
+    x, w, b, labels = _inputs((64,), True)
+    leaves = _leaves(x, w, b)
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        LinearCrossEntropy.apply(*leaves, labels, -100, "mean", 16, True, False)
+    assert saved and all(s != (64, VOCAB) for s in saved), saved
+    assert (64,) in saved  # the per-row log-sum-exp
+
+
+def test_chunk_rows_bounded():
+    assert chunk_rows_for(2048, 32000) * 32000 <= 1 << 22
+    assert chunk_rows_for(10, 7) == 10
+    assert chunk_rows_for(5, 1 << 30) == 1
+    rows = chunk_rows_for(1000, 16384)  # spread evenly: no small last chunk
+    assert -(-1000 // rows) * rows - 1000 < -(-1000 // rows)
+
+
+def test_bad_reduction():
+    x, w, b, labels = _inputs((4,), False)
+    with pytest.raises(ValueError, match="reduction"):
+        LinearCrossEntropy.apply(x, w, None, labels, -100, "none", 2, True, False)
