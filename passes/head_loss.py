@@ -48,6 +48,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from prac_fx.passes.chunked_ce import LinearCrossEntropy, chunk_rows_for
+from prac_fx.passes import kinds
 from prac_fx.passes.graph_state import GraphState, PassResult, SitePolicy
 from prac_fx.passes.paths import module_path, parameter_path
 
@@ -279,6 +280,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         else:
             fused.meta["example_value"] = _val(ce)
             loss = fused
+        for node in {x_rows, fused, loss, *([logits] if returns else [])} - {x}:
+            node.meta[kinds.TAG] = {"role": kinds.ROLE_HEAD_LOSS, "group": None}
         ce.replace_all_uses_with(loss)
         graph.erase_node(ce)
         for node in chain:  # loss side first: each now has no user

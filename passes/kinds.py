@@ -49,5 +49,7 @@ ROLE_OMEGA = "omega"  # the placeholder of a following group's random draw, (n, 
 ROLE_FOLLOW = "follow"  # follow_basis: a following group's basis built in the graph
 ROLE_STATS = "stats"  # the placeholder whose gradient receives the running statistics
 ROLE_STATS_ROW = "stats row"  # stats[i], one rewritten site's row
-ROLES = (ROLE_BASIS, ROLE_COMPRESS, ROLE_SITE, ROLE_OMEGA, ROLE_FOLLOW, ROLE_STATS, ROLE_STATS_ROW)
+ROLE_HEAD_LOSS = "head loss"  # the chunked head + cross-entropy op and what reads its outputs
+ROLES = (ROLE_BASIS, ROLE_COMPRESS, ROLE_SITE, ROLE_OMEGA, ROLE_FOLLOW, ROLE_STATS, ROLE_STATS_ROW,
+         ROLE_HEAD_LOSS)
 INPUT_ROLES = (ROLE_BASIS, ROLE_OMEGA, ROLE_STATS)  # the placeholders the rewrite appends, in order

@@ -74,7 +74,9 @@ def check(state, result, before: set[str], aliased_before: set[str]) -> None:
     new = [n for n in nodes if n.name not in before]
     # every new node carries a fake example value and its tag
     for node in new:
-        assert isinstance(node.meta.get("example_value"), torch.Tensor), (result.name, node.name)
+        value = node.meta.get("example_value")
+        values = value if isinstance(value, tuple) else (value,)  # a multi-output op: a tuple
+        assert values and all(isinstance(v, torch.Tensor) for v in values), (result.name, node.name)
         tag = node.meta.get(kinds.TAG)
         assert tag is not None and tag["role"] in kinds.ROLES, (result.name, node.name, tag)
     # no output aliases an input that did not before

@@ -3,12 +3,13 @@ import torch
 
 import prac_fx
 from prac_fx.basis import BasisStore
+from prac_fx.passes.graph_state import BasisSpec
 
 
 def _store(device="cpu"):
     store = BasisStore(prac_fx.PracConfig(rank=16))
     for key, n in (("a", 64), ("b", 96)):
-        store.register(key, n, 8, 8, device)
+        store.register(key, BasisSpec(n, 8, 8), device)
         store.refresh(key, None)  # a random orthonormal Q1, then Q2
     return store
 

@@ -16,7 +16,7 @@ PASSES = pathlib.Path(__file__).resolve().parent.parent / "passes"
 
 
 def test_passes_run_by_name_in_order():
-    assert [name for name, _ in PIPELINE] == ["find_sites", "group_sites", "rewrite_sites"]
+    assert [name for name, _ in PIPELINE] == ["head_loss", "find_sites", "group_sites", "rewrite_sites"]
 
 
 @pytest.mark.parametrize("config", [dict(rank=4), dict(rank=1.0), dict(rank=4, split=0.0),

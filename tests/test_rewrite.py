@@ -45,8 +45,8 @@ def test_tags_name_every_inserted_node():
     by_role = {}
     for name, tag in tags.items():
         by_role.setdefault(tag["role"], []).append((tag["group"], name))
-    not_following = {kinds.ROLE_OMEGA, kinds.ROLE_FOLLOW}  # only with subspace_iters > 0
-    assert sorted(by_role) == sorted(set(kinds.ROLES) - not_following)
+    not_here = {kinds.ROLE_OMEGA, kinds.ROLE_FOLLOW, kinds.ROLE_HEAD_LOSS}  # no following, no loss
+    assert sorted(by_role) == sorted(set(kinds.ROLES) - not_here)
     assert [name for _, name in by_role[kinds.ROLE_BASIS]] == [g.basis_placeholder for g in state.groups]
     assert [name for _, name in by_role[kinds.ROLE_COMPRESS]] == [g.compressed_node for g in state.groups]
     assert [g for g, _ in by_role[kinds.ROLE_SITE]] == [0, 0, 0, 1, 2, 3]  # q, k, v, out, up, down
