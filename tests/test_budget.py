@@ -5,7 +5,8 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import prac_fx
-from prac_fx import budget, memory
+from prac_fx import budget
+from prac_fx.diff import memory
 
 
 class Stack(torch.nn.Module):
