@@ -163,12 +163,13 @@ class PracBackend:
                 self._narrow.add(site.module)
                 log.warning("prac_fx: %r (width %s) is narrower than rank=%r: left exact, "
                             "nothing compressed there", site.module, site.n, self.config.rank)
+        checkpointed = sorted({s.reason for s in state.sites
+                               if s.reason in (kinds.CHECKPOINTED, kinds.SELECTIVE)})
+        if not state.groups and checkpointed:  # say why, whether or not the head was rewritten
+            record.note = "; ".join(checkpointed)
+            log.info("prac_fx: graph %d: %s", record.index, record.note)
         if not state.groups and not any(h.status == kinds.REWRITTEN for h in state.head_losses):
-            checkpointed = sorted({s.reason for s in state.sites
-                                   if s.reason in (kinds.CHECKPOINTED, kinds.SELECTIVE)})
-            record.note = "; ".join(checkpointed) or "no linear site to compress"
-            if checkpointed:
-                log.info("prac_fx: graph %d: %s", record.index, record.note)
+            record.note = record.note or "no linear site to compress"
             return None
         record.rewritten_code = work.print_readable(print_output=False, include_stride=False,
                                                     include_device=False)

@@ -58,11 +58,14 @@ def _tag_marks(tags: dict[str, dict], groups: list[str], mapping: dict[str, str]
     (``kinds.TAG``); ``mapping`` renames them as ``graph_text.align`` did."""
     marks = {}
     for name, tag in tags.items():
-        group = groups[tag["group"]]
+        index = tag.get("group")
+        group = groups[index] if isinstance(index, int) and index < len(groups) else ""
         if tag["role"] == kinds.ROLE_COMPRESS:
             marks[mapping.get(name, name)] = f"x @ P, group {group}"
         elif tag["role"] == kinds.ROLE_SITE:
             marks[mapping.get(name, name)] = f"compressed linear, group {group}"
+        elif tag["role"] == kinds.ROLE_FOLLOW:
+            marks[mapping.get(name, name)] = f"P fitted to this input, group {group}"
     return marks
 
 
