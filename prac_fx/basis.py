@@ -186,11 +186,13 @@ class BasisStore:
         if g.r2 > 0:
             q1 = None if g.q1 is None else g.q1.double()
             draw = torch.randn(g.n, g.r2, generator=self.generator, dtype=torch.float64)
+            if self.follows(key):
+                # the raw Gaussian draw: the graph projects it against each call's own Q1, and
+                # only an isotropic draw gives a Haar complement whatever that Q1 is
+                g.omega = draw.float().to(g.device).contiguous()
             for _ in range(2):  # project twice: one pass leaves O(eps * cond) leakage into Q1
                 if q1 is not None:
                     draw = draw - q1 @ (q1.t() @ draw)
-            if self.follows(key):  # the graph projects it against each call's own Q1
-                g.omega = draw.float().to(g.device).contiguous()
             q2 = self._orthonormal(draw)
             scale = self.config.complement_scale
             k = (g.n - g.r1) / g.r2 if scale is None else float(scale)
