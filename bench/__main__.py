@@ -77,6 +77,8 @@ def parse(argv):
                        help="train this many variants at once, each in its own process")
         p.add_argument("--cached-only", action="store_true",
                        help="only print what is cached; train nothing")
+        p.add_argument("--seeds", default="0", help="comma-separated model seeds (weights init; "
+                       "the data order stays the same)")
     elif command == "variance":
         p.add_argument("--models", default="gpt2,llama", help="comma-separated presets")
         p.add_argument("--variants", default="prac-n/4,prac-n/4+S=1,prac-n/4+S=2")
@@ -180,11 +182,16 @@ def convergence(args) -> int:
     steps = 200 if args.quick else args.steps
     every = args.eval_every or (50 if args.quick else 250)
     models, names = _names(args.models), _names(args.variants)
-    configs = [conv.TrainConfig(model=m, variant=v, steps=steps, eval_every=every)
-               for m in models for v in names]
+    try:
+        seeds = [int(t) for t in _names(args.seeds)]
+    except ValueError:
+        print(f"--seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    configs = [conv.TrainConfig(model=m, variant=v, steps=steps, eval_every=every, seed=s)
+               for s in seeds for m in models for v in names]
     results = _train_missing(configs, conv.train, args, lambda c: [
         "convergence", "--models", c.model, "--variants", c.variant, "--steps", str(steps),
-        "--eval-every", str(every)])
+        "--eval-every", str(every), "--seeds", str(c.seed)])
     if args.no_table:
         return 0
     if not results:
