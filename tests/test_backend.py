@@ -387,3 +387,24 @@ def test_following_basis_tracks_the_batch():
         energy[iters] = ((xb2 @ q1).norm() / xb2.norm()).item()  # share of batch b held by Q1
         best = torch.linalg.svdvals(xb2)[:4].norm().item() / xb2.norm().item()  # its top 4
     assert energy[2] > 0.95 * best and energy[0] < 0.6 * best, (energy, best)
+
+
+def test_following_draw_is_isotropic():
+    """The held draw of a following group is the raw Gaussian: the graph projects it against
+    each call's own Q1, and a draw already projected against an older Q1 would leave the new
+    complement short of the directions the old Q1 held (a biased gradient)."""
+    from prac_fx.basis import BasisStore
+    from prac_fx.passes.graph_state import BasisSpec
+
+    store = BasisStore(prac_fx.PracConfig(rank=16, subspace_iters=1, seed=3))
+    store.register("g", BasisSpec(64, 8, 8), "cpu")
+    store.refresh("g", None)
+    along = []
+    for _ in range(200):
+        store.resample("g")
+        q1 = store.groups["g"].q1.double()
+        omega = store.groups["g"].omega.double()
+        along.append((q1.t() @ omega).square().sum().item())
+    # an isotropic (64, 8) draw puts r1 * r2 = 64 of its expected squared norm along Q1
+    mean = sum(along) / len(along)
+    assert 48 < mean < 80, mean
