@@ -33,13 +33,20 @@ def cache_path(cfg, cache: pathlib.Path, folder: str, prefix: str) -> pathlib.Pa
     return cache / folder / f"{prefix}-{safe}-{cfg.steps}-{cfg.key()}.json"
 
 
+# Finished runs the README cites, committed (small JSON records): ``--cached-only`` reprints their
+# tables on a fresh clone. A run in the cache takes precedence.
+RECORDS = pathlib.Path(__file__).parent / "records"
+
+
 def load(cfg, cache: pathlib.Path) -> dict | None:
-    """The cached record of a finished run of ``cfg`` (any config with ``path(cache)``), or None."""
-    path = cfg.path(cache)
-    if path.exists():
-        result = json.loads(path.read_text())
-        if result.get("done"):
-            return result
+    """The record of a finished run of ``cfg`` (any config with ``path(cache)``) from the cache,
+    else from the committed records, or None."""
+    for root in (cache, RECORDS):
+        path = cfg.path(root)
+        if path.exists():
+            result = json.loads(path.read_text())
+            if result.get("done"):
+                return result
     return None
 
 
