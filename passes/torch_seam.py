@@ -237,6 +237,26 @@ def activation_memory_budget(budget: float):
     return torch._functorch.config.patch(activation_memory_budget=budget)
 
 
+def partition_only(gm: torch.fx.GraphModule, example_inputs: list,
+                   see: Callable[[torch.fx.GraphModule, torch.fx.GraphModule], None]) -> None:
+    """Trace ``gm`` with AOTAutograd and partition it with the min-cut partitioner, compiling
+    nothing; ``see(forward, backward)`` receives the partition (read it there: AOTAutograd
+    compiles the backward lazily, at its first call)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def partition(joint, joint_inputs, **kwargs):
+        fw_module, bw_module = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        see(fw_module, bw_module)
+        return fw_module, bw_module
+
+    def nop(g, ex):
+        return make_boxed_func(g.forward)
+
+    aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=partition)(gm, list(example_inputs))
+
+
 # -- the backend registry ----------------------------------------------------------------------------
 def register_backend(name: str, compiler_fn: Callable) -> bool:
     """Register ``compiler_fn`` as ``torch.compile(backend=name)`` unless the name is known.

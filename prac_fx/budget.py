@@ -31,6 +31,8 @@ from typing import Sequence
 import torch
 import torch.fx
 
+from prac_fx.passes import torch_seam
+
 
 @dataclasses.dataclass
 class BudgetRecord:
@@ -61,24 +63,10 @@ def _saved_of_backward(bw: torch.fx.GraphModule) -> int:
 
 def saved_bytes(gm: torch.fx.GraphModule, example_inputs: Sequence) -> int:
     """What ``gm``'s forward keeps for its backward under the partitioner's default (budget 1)."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
     seen: list[int] = []
-
-    def partition(joint, joint_inputs, **kwargs):
-        # read the partition itself: AOTAutograd compiles the backward lazily, at its first call
-        fw_module, bw_module = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
-        seen.append(_saved_of_backward(bw_module))
-        return fw_module, bw_module
-
-    def nop(g, ex):
-        return make_boxed_func(g.forward)
-
-    with torch._functorch.config.patch(activation_memory_budget=1.0):
-        aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=partition)(
-            gm, list(example_inputs))
+    with torch_seam.activation_memory_budget(1.0):
+        torch_seam.partition_only(gm, list(example_inputs),
+                                  lambda fw, bw: seen.append(_saved_of_backward(bw)))
     return seen[0] if seen else 0
 
 
@@ -96,5 +84,5 @@ def applied(record: BudgetRecord | None):
     if record is None:
         yield
         return
-    with torch._functorch.config.patch(activation_memory_budget=record.partitioner_budget):
+    with torch_seam.activation_memory_budget(record.partitioner_budget):
         yield
