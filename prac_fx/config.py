@@ -20,7 +20,9 @@ _ENV_FIELDS = ("rank", "split", "refresh_every", "resample_every", "seed", "comp
                "exact_heads", "subspace_iters")
 
 
-def _env_number(name: str, text: str):
+def parse_number(text: str, what: str) -> int | float:
+    """``text`` as an int where it is one, else as a float (a rank or split as a user types it);
+    ValueError naming ``what`` otherwise."""
     try:
         return int(text)
     except ValueError:
@@ -28,7 +30,7 @@ def _env_number(name: str, text: str):
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{name}={text!r}: expected a number") from None
+        raise ValueError(f"invalid {what} {text!r}: give an int or a float") from None
 
 
 def _exclude_filter(parts: tuple[str, ...]) -> Callable[[str], bool]:
@@ -211,7 +213,7 @@ class PracConfig:
             elif field in ("resample_every", "complement_scale") and text.lower() == "none":
                 kwargs[field] = None
             else:
-                kwargs[field] = _env_number(key, text)
+                kwargs[field] = parse_number(text, key)
         try:
             return cls(**kwargs)
         except ValueError as err:

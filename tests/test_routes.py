@@ -185,7 +185,7 @@ def test_config_from_env():
 
 @pytest.mark.parametrize("env, message", [
     ({"PRAC_FX_RANK": "2.5"}, "rank as a float"),
-    ({"PRAC_FX_RANK": "quarter"}, "expected a number"),
+    ({"PRAC_FX_RANK": "quarter"}, "invalid PRAC_FX_RANK 'quarter': give an int or a float"),
     ({"PRAC_FX_REFRESH_EVERY": "0"}, "refresh_every must be an int >= 1"),
     ({"PRAC_FX_RANKK": "8"}, "unknown environment variable PRAC_FX_RANKK"),
 ])

@@ -41,15 +41,6 @@ def _error(msg: str, status: int = 2) -> int:
     return status
 
 
-def _number(text: str, what: str):
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"invalid {what} {text!r}: give an int or a float") from None
 
 
 def _positive(text: str) -> int:
@@ -111,12 +102,12 @@ def use_color(choice: str, stream, to_file: bool) -> bool:
 
 def _diff(args) -> int:
     from prac_fx import diff
-    from prac_fx.config import PracConfig
+    from prac_fx.config import PracConfig, parse_number
     from prac_fx.diff import render, workload
 
     try:
-        rank = _number(args.rank, "rank")
-        split = _number(args.split, "split")
+        rank = parse_number(args.rank, "rank")
+        split = parse_number(args.split, "split")
         exclude = list(args.exclude)
         keep = (lambda path: not any(t in path for t in exclude)) if exclude else None
         heads = {"exact_heads": ()} if args.compress_heads else {}
