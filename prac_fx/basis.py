@@ -294,9 +294,9 @@ class BasisStore:
         if g is None or g.stats is None or site >= g.stats.shape[0] or g.r2 == 0 \
                 or self.config.complement_scale is not None:
             return None
-        a1_sq, a2_sq = g.stats[site].tolist()
-        k = (g.n - g.r1) / g.r2
-        return (k - 1.0) * a2_sq / (a1_sq + a2_sq) if a1_sq + a2_sq > 0 else 0.0
+        from prac_fx.variance import running_estimate
+
+        return running_estimate(*g.stats[site].tolist(), (g.n - g.r1) / g.r2)
 
     def basis(self, key: str) -> torch.Tensor:
         return self.groups[key].basis

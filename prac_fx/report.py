@@ -18,7 +18,6 @@ import torch.fx
 from prac_fx.passes import kinds, torch_seam
 from prac_fx.passes.graph_state import Group, PassResult, Site
 
-_CASTS = {"convert_element_type", "_to_copy", "to"}
 _VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "alias"}
 
 

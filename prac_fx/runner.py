@@ -131,16 +131,25 @@ class PracRunner:
             if basis is None:  # under the caller's fake mode this makes a fake tensor
                 basis = group.spec.zeros(self.store.groups[key].device)
             bases.append(basis)
-        omegas = []
-        for group, key in zip(self.groups, self.keys):
-            if group.omega_placeholder:
-                omega = self.store.groups[key].omega
-                if omega is None:
-                    omega = torch.zeros(group.n, group.r2, dtype=torch.float32,
-                                        device=self.store.groups[key].device)
-                omegas.append(omega)
         stats = self._stats(bases[0].device if bases else None, True)
+        omegas = self._omegas(self.keys, bases, draw=False)
         return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]))[0]
+
+    def _omegas(self, keys: list[str], bases: list, draw: bool) -> list[torch.Tensor]:
+        """The held draws of the following groups, in group order. A group with none yet (a
+        state loaded from a run that did not follow) draws one when ``draw``, which also
+        rebuilds its basis in ``bases``; otherwise (a shape-only call) it gets zeros."""
+        omegas = []
+        for index, (group, key) in enumerate(zip(self.groups, keys)):
+            if not group.omega_placeholder:
+                continue
+            state = self.store.groups[key]
+            if state.omega is None and draw:
+                self.store.resample(key)
+                bases[index] = self.store.basis(key)
+            omegas.append(state.omega if state.omega is not None else
+                          torch.zeros(group.n, group.r2, dtype=torch.float32, device=state.device))
+        return omegas
 
     def _split(self, out):
         """The graph's own outputs, and the bases its following groups built (``follow_basis``)."""
@@ -167,13 +176,7 @@ class PracRunner:
                 if store.basis(key) is None:
                     store.refresh(key, None)
         bases = [store.basis(k) for k in keys]
-        omegas = []
-        for group, key in zip(self.groups, keys):
-            if group.omega_placeholder:
-                if store.groups[key].omega is None:  # loaded from a run that did not follow
-                    store.resample(key)
-                    bases[self.groups.index(group)] = store.basis(key)
-                omegas.append(store.groups[key].omega)
+        omegas = self._omegas(keys, bases, draw=True)
         for spec, key, basis in zip(self.specs, keys, bases):
             spec.check(basis, key)
         stats = self._stats(bases[0].device if bases else None, training)

@@ -246,7 +246,7 @@ def running(backend) -> dict[str, float]:
         k = (g.n - g.r1) / g.r2
         for index, (a1_sq, a2_sq) in enumerate(g.stats.tolist()):
             if a1_sq + a2_sq > 0:
-                out[f"{key}/{index}"] = (k - 1.0) * a2_sq / (a1_sq + a2_sq)
+                out[f"{key}/{index}"] = running_estimate(a1_sq, a2_sq, k)
             num += (k - 1.0) * a2_sq
             den += a1_sq + a2_sq
     if den > 0:

@@ -30,8 +30,6 @@ _RET = re.compile(r"^(?P<indent>\s*)return (?P<open>[(\[])(?P<body>.*)(?P<close>
 _IDENT = re.compile(r"(?<![\w.'\"])([A-Za-z_]\w*)")
 _DEAD = re.compile(r";\s+(?:[A-Za-z_]\w*\s*=\s*)+None\s*$")
 _FILE = re.compile(r"(# File: )(?:[^:]*[/\\])?([^/\\:]+\.py)")
-# FX prints a node's "custom" meta (the rewrite's tags) before its source line
-_ANNOTATION = re.compile(r"# Annotation: \{.*?\} (?=File: )")
 _EVAL = re.compile(r"<eval_with_key>\.\d+")
 _ADDR = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
@@ -77,7 +75,7 @@ def normalise(code: str) -> list[str]:
     lines: list[str] = []
     for raw in code.rstrip().splitlines():
         line = raw.rstrip()
-        line = _FILE.sub(r"\1\2", _ANNOTATION.sub("# ", line))
+        line = _FILE.sub(r"\1\2", line)
         line = _EVAL.sub("<eval_with_key>", line)
         line = _UUID.sub("<uuid>", line)
         line = _ADDR.sub("0x?", line)
