@@ -19,6 +19,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     part every b steps (defaults: 500, and only at refreshes)
 ``prac-R+S=s``      PRAC whose principal basis follows each batch: s subspace iterations in
                     the graph per step (``subspace_iters``), the random draw held for T2
+``prac-R+cyc``      PRAC whose random part cycles through one basis of the complement, a new
+                    block of it each step (``complement="cycle"``)
 ``budget=B``        Inductor with ``activation_memory_budget = B``
 ``prac-R+mb=B``     PRAC with ``memory_budget=B``: B is a fraction of what the *uncompressed*
                     graph keeps; the backend sets the partitioner's budget per graph
@@ -124,10 +126,10 @@ def by_name(spec: str) -> Variant:
     follow = {e for e in extras if e.startswith("S=") and e[2:].isdigit()}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
     mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
-    unknown = set(extras) - {"allsites", "nohead"} - timing - follow - set(budgets) - set(mbs)
+    unknown = set(extras) - {"allsites", "nohead", "cyc"} - timing - follow - set(budgets) - set(mbs)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -136,6 +138,8 @@ def by_name(spec: str) -> Variant:
         options = {"exact_heads": ()} if "allsites" in extras else {}
         if "nohead" in extras:
             options["head_loss"] = False
+        if "cyc" in extras:
+            options["complement"] = "cycle"
         if mbs:
             options["memory_budget"] = float(mbs[0][3:])
         for e in timing:

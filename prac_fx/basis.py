@@ -6,7 +6,10 @@ reads that group (recompiles for new shapes find the same bases under the same k
 - Q2 (n, r2): a Gaussian draw projected onto the orthogonal complement of Q1 and orthonormalised
   by QR with sign correction, hence Haar-distributed in the complement:
   E[Q2 Q2^T] = r2 / (n - r1) (I - Q1 Q1^T). Redrawn at every refresh, and every
-  ``resample_every`` calls where that is set.
+  ``resample_every`` calls where that is set. With ``complement="cycle"`` the draw is instead a
+  whole Haar basis C (n, n - r1) of the complement, and the training calls of the window take
+  its columns r2 at a time in turn (wrapping around): each block is itself a Haar r2-frame of the
+  complement, and k consecutive blocks cover it exactly once.
 - k = (n - r1) / r2 makes E[P P^T] = I, so x P P^T is an unbiased reconstruction of x with the
   least variance among such schemes (PRAC, arXiv 2602.23111).
 
@@ -47,6 +50,10 @@ class GroupBasis:
     omega: torch.Tensor | None = None  # (n, r2) float32 on ``device``: a following group's draw
     # (sites, 2) float32 on ``device``: moving averages of each site's [||A1||^2, ||A2||^2]
     stats: torch.Tensor | None = None
+    # complement="cycle": (n, n - r1) float32 on the CPU, the window's Haar basis of Q1's
+    # complement, and the block of it P holds now (block b: columns b r2 ... b r2 + r2 - 1, mod n - r1)
+    cycle: torch.Tensor | None = None
+    block: int = 0
 
     @property
     def n(self) -> int:
@@ -94,7 +101,7 @@ class GroupBasis:
     @property
     def persistent_bytes(self) -> int:
         total = 0
-        for t in (self.basis, self._q1_host, self.omega):
+        for t in (self.basis, self._q1_host, self.omega, self.cycle):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -202,6 +209,11 @@ class BasisStore:
         g = self.groups[key]
         return g.basis is None or (g.r2 > 0 and g.calls % self.config.resample_period == 0)
 
+    def cycles(self, key: str) -> bool:
+        """Whether the group's random part moves to the next block of its complement basis at
+        every training call (``complement="cycle"``)."""
+        return self.groups[key].cycle is not None
+
     # -- what -----------------------------------------------------------------------------------
     def refresh(self, key: str, gram: torch.Tensor | None) -> None:
         """Refit Q1 to a Gram matrix (n, n); a non-finite or failed one keeps the old Q1."""
@@ -245,6 +257,9 @@ class BasisStore:
         if g.r2 > 0:
             q1 = None if q1_now is None else q1_now.double()
             draw = torch.randn(g.n, g.r2, generator=self.generator, dtype=torch.float64)
+            cycle = self.config.complement == "cycle"
+            if cycle:  # a whole basis of the complement, n - r1 columns
+                draw = torch.randn(g.n, g.n - g.r1, generator=self.generator, dtype=torch.float64)
             if self.follows(key):
                 # the raw Gaussian draw: the graph projects it against each call's own Q1, and
                 # only an isotropic draw gives a Haar complement whatever that Q1 is
@@ -253,6 +268,9 @@ class BasisStore:
                 if q1 is not None:
                     draw = draw - q1 @ (q1.t() @ draw)
             q2 = self._orthonormal(draw)
+            if cycle:
+                g.cycle, g.block = q2.contiguous(), 0
+                q2 = self._block(g)
             scale = self.config.complement_scale
             k = (g.n - g.r1) / g.r2 if scale is None else float(scale)
             g.scale = k
@@ -262,6 +280,21 @@ class BasisStore:
         g.q1 = None  # now P's first r1 columns (and the host copy, off the CPU)
         g.basis = torch.cat(parts, dim=1).to(g.device).contiguous()
         g.resamples += 1
+
+    @staticmethod
+    def _block(g: GroupBasis) -> torch.Tensor:
+        """(n, r2) float32 on the CPU: block ``g.block`` of the group's complement basis."""
+        width = g.cycle.shape[1]  # n - r1
+        columns = (g.block * g.r2 + torch.arange(g.r2)) % width
+        return g.cycle[:, columns]
+
+    def next_block(self, key: str) -> None:
+        """Move a cycling group's random part to the next block of its complement basis. P is
+        rebuilt as a new tensor (the previous one may still be saved for a backward)."""
+        g = self.groups[key]
+        g.block += 1
+        q2 = self._block(g).to(g.basis.device)
+        g.basis = torch.cat([g.basis[:, :g.r1], math.sqrt(g.scale) * q2], dim=1).contiguous()
 
     @staticmethod
     def _orthonormal(a: torch.Tensor) -> torch.Tensor:
@@ -340,6 +373,7 @@ class BasisStore:
                     "q1": g.q1, "q2": g.q2,
                     "basis": None if g.basis is None else g.basis.cpu(),
                     "omega": None if g.omega is None else g.omega.cpu(),
+                    "cycle": g.cycle, "block": g.block,
                 }
                 for key, g in self.groups.items()
             },
@@ -379,3 +413,9 @@ class BasisStore:
                 g.q1 = s["q1"]  # fitted, never drawn: the next resample builds P from it
             omega = s.get("omega")
             g.omega = None if omega is None else omega.to(device).contiguous()
+            cycling = self.config.complement == "cycle"
+            g.cycle, g.block = (s.get("cycle"), s.get("block", 0)) if cycling else (None, 0)
+            if cycling and g.cycle is None and g.basis is not None and g.r2:
+                # saved by a run that held its draw: keep Q1, and let the next call draw a cycle
+                g.q1 = g.basis[:, :g.r1].to("cpu", torch.float32).contiguous() if g.r1 else None
+                g.basis = None

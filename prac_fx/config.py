@@ -17,7 +17,8 @@ ENV_PREFIX = "PRAC_FX_"
 # PracConfig fields settable from the environment (site_filter, a callable, is not; its
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
 _ENV_FIELDS = ("rank", "split", "refresh_every", "resample_every", "seed", "complement_scale",
-               "exact_heads", "subspace_iters")
+               "exact_heads", "subspace_iters", "complement")
+COMPLEMENTS = ("held", "cycle")  # how the random part moves between redraws
 
 
 def parse_number(text: str, what: str) -> int | float:
@@ -81,6 +82,15 @@ class PracConfig:
             held for ``resample_every`` calls; the weight gradient stays unbiased (the draw is
             independent of the data). 0 (the default): Q1 is refitted only every
             ``refresh_every`` calls.
+        complement: how the random part Q2 moves between its redraws (every ``resample_every``
+            calls). ``"held"`` (the default) keeps one Haar draw for the whole window.
+            ``"cycle"`` draws one random orthonormal basis of Q1's complement per window and
+            uses a different block of r2 of its columns at each training call, in turn. Each
+            block is Haar in the complement, so every step stays unbiased with the same
+            per-step variance; and k consecutive blocks cover the complement exactly once
+            (their P P^T sum to k I), so the errors of consecutive steps cancel instead of
+            adding up in the optimizer's moving averages. It keeps that basis on the host,
+            n (n - r1) floats per group, and needs ``subspace_iters=0``.
         complement_scale: the factor k on the random part (P = [Q1, sqrt(k) Q2]). None uses
             the unbiased, minimum-variance k = (n - r1) / r2 (PRAC, arXiv 2602.23111); other
             values exist for ablations and make the weight gradient biased.
@@ -114,6 +124,7 @@ class PracConfig:
     head_loss: bool = True
     head_loss_chunk_rows: int | None = None
     memory_budget: float | None = None
+    complement: str = "held"
 
     def __post_init__(self):
         rank, split = self.rank, self.split
@@ -173,6 +184,12 @@ class PracConfig:
                                   or chunk < 1):
             raise ValueError(f"head_loss_chunk_rows must be an int >= 1 (rows per chunk) or None, "
                              f"got {chunk!r}")
+        if self.complement not in COMPLEMENTS:
+            raise ValueError(f"complement must be one of {COMPLEMENTS}, got {self.complement!r}")
+        if self.complement == "cycle" and self.subspace_iters:
+            raise ValueError("complement='cycle' walks through one fixed basis of Q1's complement, "
+                             "which a principal basis that follows each call (subspace_iters="
+                             f"{self.subspace_iters}) would move every call; use one or the other")
         if self.complement_scale is not None and (
             not _is_number(self.complement_scale) or self.complement_scale <= 0
         ):
@@ -186,7 +203,7 @@ class PracConfig:
         ``PRAC_FX_RANK``, ``PRAC_FX_SPLIT`` (an int or a float, as in Python),
         ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
-        ``PRAC_FX_SUBSPACE_ITERS``,
+        ``PRAC_FX_SUBSPACE_ITERS``, ``PRAC_FX_COMPLEMENT`` (``held`` or ``cycle``),
         ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
         ``PRAC_FX_EXCLUDE`` (comma-separated substrings of module paths left exact). Unset ones
         keep their defaults. Values are checked like ``PracConfig(...)`` arguments; an unknown
@@ -208,7 +225,9 @@ class PracConfig:
             if field is None:
                 raise ValueError(f"unknown environment variable {key}; prac_fx reads {allowed}")
             text = text.strip()
-            if field == "exact_heads":
+            if field == "complement":
+                kwargs[field] = text
+            elif field == "exact_heads":
                 kwargs[field] = tuple(p.strip() for p in text.split(",") if p.strip())
             elif field in ("resample_every", "complement_scale") and text.lower() == "none":
                 kwargs[field] = None

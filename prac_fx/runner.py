@@ -2,7 +2,7 @@
 
 Per training call it (1) refits the principal basis of every group that is due, by running the
 probe graph (a no-grad forward that returns Gram matrices, with the RNG state restored after, so
-dropout masks are the same as without the probe); (2) redraws random complements that are due;
+dropout masks are the same as without the probe); (2) redraws random complements that are due, or moves cycling ones to their next block;
 (3) calls the compiled graph with the bases appended to the arguments, and after them a fresh
 leaf ``stats`` (sites, 2) whose gradient the backward fills with each site's squared norms
 ``[||A1||^2, ||A2||^2]``; (4) counts the call. The leaves of earlier calls are read when the next
@@ -171,6 +171,8 @@ class PracRunner:
             for key in keys:
                 if key not in due and store.due_resample(key):
                     store.resample(key)
+                elif key not in due and store.cycles(key):
+                    store.next_block(key)
         else:
             for key in keys:
                 if store.basis(key) is None:
