@@ -219,6 +219,8 @@ class BasisStore:
         """Refit Q1 to a Gram matrix (n, n); a non-finite or failed one keeps the old Q1."""
         g = self.groups[key]
         q1 = None
+        if g.r1 == 0:  # random part only: nothing to fit
+            gram = None
         if gram is not None:
             gram = gram.detach().to("cpu", torch.float64)
             if torch.isfinite(gram).all():
@@ -229,7 +231,7 @@ class BasisStore:
                     self._warn_once(key, f"basis refresh of {key!r} failed ({err}); keeping the previous basis")
             else:
                 self._warn_once(key, f"activation of {key!r} has NaN/Inf at a refresh; keeping the previous basis")
-        if q1 is None and not g.has_q1:
+        if q1 is None and not g.has_q1 and g.r1:
             # No usable activation yet: any orthonormal Q1 keeps P unbiased; draw one.
             q1 = self._orthonormal(torch.randn(g.n, g.r1, generator=self.generator, dtype=torch.float64))
         if q1 is not None:

@@ -408,3 +408,29 @@ def test_following_draw_is_isotropic():
     # an isotropic (64, 8) draw puts r1 * r2 = 64 of its expected squared norm along Q1
     mean = sum(along) / len(along)
     assert 48 < mean < 80, mean
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_cycled_complement_averages_to_the_exact_gradient(mlp_case, compiler):
+    """complement="cycle" through the compiled graph: each call's weight gradient is still
+    compressed (really noisy), and over the calls in which every group has used each column of
+    its complement basis equally often (lcm of 28/4 = 7 and 60/4 = 15 calls) the mean gradient is
+    the exact one, up to float rounding: the errors of consecutive calls cancel."""
+    torch._dynamo.reset()
+    model, x, grad_out, (_, _, ref_g) = mlp_case
+    be = prac_fx.backend(rank=8, split=0.5, refresh_every=10**9, complement="cycle", seed=1,
+                         compiler=compiler)
+    compiled = torch.compile(model, backend=be)
+    total = {k: torch.zeros_like(ref_g[f"{k}.weight"], dtype=torch.float64) for k in ("up", "mid", "down")}
+    calls = 105
+    for _ in range(calls):
+        model.zero_grad()
+        compiled(x).backward(grad_out)
+        for k in total:
+            grad = getattr(model, k).weight.grad
+            assert rel_err(grad, ref_g[f"{k}.weight"]) > 1e-2, k  # each call is compressed
+            total[k] += grad.double()
+    for k in total:
+        assert rel_err((total[k] / calls).float(), ref_g[f"{k}.weight"]) < 1e-4, k
+    assert {g.block for g in be.store.groups.values()} == {calls - 1}
+    assert len(be.graphs) == 1  # a new block is a new input, not a recompile

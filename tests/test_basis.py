@@ -91,3 +91,93 @@ def test_shape_mismatch_is_an_error():
     store.register("g", BasisSpec(16, 4, 4), "cpu")
     with pytest.raises(ValueError, match="registered with"):
         store.register("g", BasisSpec(32, 4, 4), "cpu")
+
+
+# -- complement="cycle" -------------------------------------------------------------------------
+def _cycling(n=24, r1=4, r2=5, seed=2):
+    store = _store(rank=r1 + r2, split=r1, seed=seed, complement="cycle")
+    store.register("g", BasisSpec(n, r1, r2), "cpu")
+    x = torch.randn(100, n) @ torch.diag(torch.linspace(3, 0.1, n))
+    store.refresh("g", x.t() @ x)
+    return store
+
+
+@pytest.mark.parametrize("n, r1, r2", [(24, 4, 5), (24, 4, 4), (16, 0, 4)])
+def test_cycle_blocks_are_haar_frames_that_tile_the_complement(seeded, n, r1, r2):
+    """Each block is an orthonormal frame of Q1's complement, and the blocks walk through one
+    basis of it: over lcm(n - r1, r2) / r2 calls every column is used equally often, so the
+    P P^T of those calls sum to exactly (calls) I, whether or not r2 divides n - r1."""
+    store = _cycling(n, r1, r2)
+    g = store.groups["g"]
+    q1 = g.q1
+    width = n - r1
+    calls = math.lcm(width, r2) // r2
+    total = torch.zeros(n, n, dtype=torch.float64)
+    seen = []
+    for call in range(calls):
+        if call:
+            store.next_block("g")
+        p = store.basis("g")
+        if r1:
+            torch.testing.assert_close(p[:, :r1], q1)  # the principal part does not move
+        q2 = p[:, r1:] / math.sqrt(width / r2)
+        torch.testing.assert_close(q2.t() @ q2, torch.eye(r2), atol=1e-5, rtol=0)
+        if r1:
+            assert (q1.t() @ q2).abs().max() < 1e-5
+        seen.append(p)
+        total += p.double() @ p.double().t()
+    torch.testing.assert_close(total / calls, torch.eye(n, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert len({t.data_ptr() for t in seen}) == calls  # a new tensor every call
+
+
+def test_cycle_each_block_is_unbiased(seeded):
+    """E[P P^T] = I for a block at any position in the window, over the window's draw: the mean
+    over draws converges at the 1/sqrt(draws) rate (a biased scheme would level off)."""
+    n, r1, r2 = 12, 3, 3
+    store = _cycling(n, r1, r2, seed=4)
+    errors = {}
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(1, 4001):
+        store.resample("g")
+        for _ in range(2):  # the third block of each window
+            store.next_block("g")
+        p = store.basis("g").double()
+        acc += p @ p.t()
+        if i in (1000, 4000):
+            errors[i] = (acc / i - torch.eye(n, dtype=torch.float64)).norm().item()
+    assert errors[4000] < 0.25, errors
+    assert 1.4 < errors[1000] / errors[4000] < 2.9, errors
+
+
+def test_cycle_state_round_trip_and_held_states():
+    """The window's complement basis and position survive a state_dict; a state saved by a run
+    that held its draw loads with its Q1 and starts a cycle at the next call."""
+    a = _cycling(seed=3)
+    a.next_block("g")
+    b = _store(rank=9, split=4, seed=99, complement="cycle")
+    b.load_state_dict(a.state_dict())
+    assert b.cycles("g") and b.groups["g"].block == 1
+    for _ in range(3):
+        a.next_block("g")
+        b.next_block("g")
+        torch.testing.assert_close(a.basis("g"), b.basis("g"))
+
+    held = _store(rank=9, split=4, seed=3)
+    held.register("g", BasisSpec(24, 4, 5), "cpu")
+    held.refresh("g", torch.diag(torch.arange(24.0)))
+    held.advance("g")  # mid-window: no refresh due
+    c = _store(rank=9, split=4, seed=3, complement="cycle")
+    c.load_state_dict(held.state_dict())
+    assert c.due_resample("g") and not c.due_refresh("g")
+    c.resample("g")
+    torch.testing.assert_close(c.basis("g")[:, :4], held.basis("g")[:, :4])
+    assert c.cycles("g")
+    # and the other way: a held run ignores a cycling state's basis of the complement
+    d = _store(rank=9, split=4, seed=3)
+    d.load_state_dict(a.state_dict())
+    assert not d.cycles("g") and d.groups["g"].persistent_bytes == a.basis("g").numel() * 4
+
+
+def test_cycle_keeps_its_complement_basis_in_the_resident_bytes():
+    store = _cycling(n=24, r1=4, r2=5)
+    assert store.persistent_bytes() == (24 * 9 + 24 * 20) * 4

@@ -80,3 +80,15 @@ def test_exact_heads_match_the_last_path_component():
 def test_resample_period_follows_refresh_by_default():
     assert PracConfig(refresh_every=200).resample_period == 200
     assert PracConfig(refresh_every=200, resample_every=7).resample_period == 7
+
+
+def test_complement_choices():
+    assert PracConfig().complement == "held"
+    assert PracConfig(complement="cycle").complement == "cycle"
+    with pytest.raises(ValueError, match=r"complement must be one of \('held', 'cycle'\)"):
+        PracConfig(complement="cyclic")
+    with pytest.raises(ValueError, match="use one or the other"):
+        PracConfig(complement="cycle", subspace_iters=1)
+    assert PracConfig.from_env({"PRAC_FX_COMPLEMENT": "cycle"}).complement == "cycle"
+    with pytest.raises(ValueError, match="PRAC_FX_.*complement must be one of"):
+        PracConfig.from_env({"PRAC_FX_COMPLEMENT": "7"})
