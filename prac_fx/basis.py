@@ -54,6 +54,9 @@ class GroupBasis:
     # complement, and the block of it P holds now (block b: columns b r2 ... b r2 + r2 - 1, mod n - r1)
     cycle: torch.Tensor | None = None
     block: int = 0
+    # (n, r2) float32 on the CPU: the window's raw Gaussian draw, kept where the random part is
+    # redrawn less often than Q1 is refitted (T2 > T1): each refit projects it again
+    draw: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -101,7 +104,7 @@ class GroupBasis:
     @property
     def persistent_bytes(self) -> int:
         total = 0
-        for t in (self.basis, self._q1_host, self.omega, self.cycle):
+        for t in (self.basis, self._q1_host, self.omega, self.cycle, self.draw):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -237,7 +240,8 @@ class BasisStore:
         if q1 is not None:
             g.q1 = q1
             g.refreshes += 1
-        self.resample(key)
+        # a refit within the random part's window keeps its draw, projected against the new Q1
+        self.resample(key, redraw=g.draw is None or self.due_resample(key))
 
     def follows(self, key: str) -> bool:
         """Whether the group's principal basis follows each call's input in the graph."""
@@ -252,13 +256,29 @@ class BasisStore:
         g.q1 = None
         g._q1_host = None
 
-    def resample(self, key: str) -> None:
+    def keeps_draw(self, key: str) -> bool:
+        """Whether the group holds its raw draw between redraws: its random part outlives a
+        refit of Q1 (``resample_every`` > ``refresh_every``, the draw held and not cycled)."""
+        config = self.config
+        return (config.resample_period > config.refresh_every and config.complement == "held"
+                and not self.follows(key) and self.groups[key].r1 > 0)
+
+    def resample(self, key: str, redraw: bool = True) -> None:
+        """Rebuild P from the current Q1 and a random part: a new Gaussian draw, or with
+        ``redraw=False`` the held one (``keeps_draw``) projected against Q1 again. The held
+        draw is isotropic and drawn before the refits it meets, so each rebuilt Q2 is again
+        Haar in the complement of the new Q1, and the random subspace moves only as far as Q1
+        does."""
         g = self.groups[key]
         q1_now = g.q1  # (n, r1) on the CPU: the refit one, else P's own first columns
         parts = [] if q1_now is None else [q1_now]
         if g.r2 > 0:
             q1 = None if q1_now is None else q1_now.double()
-            draw = torch.randn(g.n, g.r2, generator=self.generator, dtype=torch.float64)
+            if redraw or g.draw is None:
+                draw = torch.randn(g.n, g.r2, generator=self.generator, dtype=torch.float64)
+                g.draw = draw.float() if self.keeps_draw(key) else None
+            else:
+                draw = g.draw.double()
             cycle = self.config.complement == "cycle"
             if cycle:  # a whole basis of the complement, n - r1 columns
                 draw = torch.randn(g.n, g.n - g.r1, generator=self.generator, dtype=torch.float64)
@@ -281,7 +301,7 @@ class BasisStore:
         g.keep_q1_on_host()
         g.q1 = None  # now P's first r1 columns (and the host copy, off the CPU)
         g.basis = torch.cat(parts, dim=1).to(g.device).contiguous()
-        g.resamples += 1
+        g.resamples += int(redraw)
 
     @staticmethod
     def _block(g: GroupBasis) -> torch.Tensor:
@@ -375,7 +395,7 @@ class BasisStore:
                     "q1": g.q1, "q2": g.q2,
                     "basis": None if g.basis is None else g.basis.cpu(),
                     "omega": None if g.omega is None else g.omega.cpu(),
-                    "cycle": g.cycle, "block": g.block,
+                    "cycle": g.cycle, "block": g.block, "draw": g.draw,
                 }
                 for key, g in self.groups.items()
             },
@@ -415,6 +435,7 @@ class BasisStore:
                 g.q1 = s["q1"]  # fitted, never drawn: the next resample builds P from it
             omega = s.get("omega")
             g.omega = None if omega is None else omega.to(device).contiguous()
+            g.draw = s.get("draw") if self.keeps_draw(key) else None
             cycling = self.config.complement == "cycle"
             g.cycle, g.block = (s.get("cycle"), s.get("block", 0)) if cycling else (None, 0)
             if cycling and g.cycle is None and g.basis is not None and g.r2:

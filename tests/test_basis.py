@@ -181,3 +181,61 @@ def test_cycle_state_round_trip_and_held_states():
 def test_cycle_keeps_its_complement_basis_in_the_resident_bytes():
     store = _cycling(n=24, r1=4, r2=5)
     assert store.persistent_bytes() == (24 * 9 + 24 * 20) * 4
+
+
+# -- a random part that outlives refits of Q1 (resample_every > refresh_every) -------------------
+def test_refit_within_the_window_keeps_the_draw(seeded):
+    """T1 = 2, T2 = 6: a refit between redraws projects the same raw draw against the new Q1, so
+    Q2 stays Haar in the new complement and moves only as far as Q1 moved; a redraw replaces it."""
+    n, r1, r2 = 24, 4, 4
+    store = _store(rank=8, split=4, refresh_every=2, resample_every=6, seed=1)
+    store.register("g", BasisSpec(n, r1, r2), "cpu")
+    x = torch.randn(200, n) @ torch.diag(torch.linspace(3, 0.1, n))
+    store.refresh("g", x.t() @ x)  # call 0: the first fit draws
+    g = store.groups["g"]
+    draw = g.draw.clone()
+    assert g.resamples == 1 and store.keeps_draw("g")
+    for _ in range(2):
+        store.advance("g")
+    assert not store.due_resample("g")
+    y = x + 0.3 * torch.randn(200, n)
+    store.refresh("g", y.t() @ y)  # call 2: refit, same draw
+    assert g.resamples == 1 and torch.equal(g.draw, draw)
+    p = store.basis("g")
+    q1, q2 = p[:, :r1], p[:, r1:] / math.sqrt((n - r1) / r2)
+    projected = draw.double() - q1.double() @ (q1.double().t() @ draw.double())
+    expected = BasisStore._orthonormal(projected - q1.double() @ (q1.double().t() @ projected))
+    torch.testing.assert_close(q2, expected, atol=1e-5, rtol=0)
+    assert (q1.t() @ q2).abs().max() < 1e-5
+    for _ in range(4):
+        store.advance("g")
+    assert store.due_resample("g")
+    store.refresh("g", y.t() @ y)  # call 6: refit and redraw
+    assert g.resamples == 2 and not torch.equal(g.draw, draw)
+    # the held draw is part of the state, and only a run that refits within windows keeps one
+    other = _store(rank=8, split=4, refresh_every=2, resample_every=6, seed=9)
+    other.load_state_dict(store.state_dict())
+    assert torch.equal(other.groups["g"].draw, g.draw)
+    plain = _store(rank=8, split=4)
+    plain.register("g", BasisSpec(n, r1, r2), "cpu")
+    plain.refresh("g", x.t() @ x)
+    assert not plain.keeps_draw("g") and plain.groups["g"].draw is None
+
+
+def test_refit_within_the_window_is_unbiased(seeded):
+    """Over the window's draw, E[P P^T] = I after a refit to a new Q1 too."""
+    n, r1, r2 = 12, 3, 3
+    store = _store(rank=6, split=3, refresh_every=1, resample_every=10**6, seed=5)
+    store.register("g", BasisSpec(n, r1, r2), "cpu")
+    a, b = torch.randn(50, n), torch.randn(50, n)
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    draws = 4000
+    for _ in range(draws):
+        store.groups["g"].draw = None
+        store.refresh("g", a.t() @ a)  # a fresh draw against Q1(a) ...
+        store.advance("g")
+        store.refresh("g", b.t() @ b)  # ... kept, projected against Q1(b)
+        p = store.basis("g").double()
+        acc += p @ p.t()
+    err = (acc / draws - torch.eye(n, dtype=torch.float64)).abs().max().item()
+    assert err < 0.15  # Monte-Carlo error ~ k / sqrt(draws) = 3 / 63
