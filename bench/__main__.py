@@ -62,6 +62,8 @@ def parse(argv):
         p.add_argument("--batch", type=int, default=8)
         p.add_argument("--vocab", type=int, default=2048,
                        help="vocabulary size (the logits grow with it: try 32000)")
+        p.add_argument("--plane", metavar="PNG",
+                       help="also draw perplexity gap against step peak (needs cached runs)")
         p.add_argument("--ppl-steps", type=int, default=2000,
                        help="convergence runs of this length (cached) give the perplexity columns")
         p.add_argument("--warm-cache", action="store_true",
@@ -150,6 +152,8 @@ def suite(args) -> int:
     print(report.SUITE_NOTES.format(steps=args.ppl_steps))
     if args.plot:
         report.plot_tradeoff(rows, args.plot, title=header.splitlines()[-1])
+    if args.plane:
+        report.plot_plane(rows, args.plane, title=header.splitlines()[-1])
     _write(rows, {"machine": machine(), "setup": dataclasses.asdict(setup)}, args)
     return 0
 

@@ -137,6 +137,72 @@ def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+EXACT = ("eager", "inductor", "inductor+ckpt", "inductor budget=")  # labels (prefixes) of exact variants
+
+
+def plane_points(rows: list[Row]) -> list[tuple[Row, float, str]]:
+    """(row, perplexity gap to Inductor, how the gap is known) for the perplexity-vs-peak plane.
+
+    Trained: the row's own convergence run. Exact: eager, checkpointing and the memory budget
+    compute Inductor's gradients (recomputation is exact), so their gap is 0 without a run of
+    their own. PRAC with a budget: the gap of the PRAC run with the same rank and options (the
+    budget only recomputes, exactly). Rows with none of these are left out."""
+    gaps = {(r.model, r.variant): r.ppl_gap_vs_inductor for r in rows}
+    out = []
+    for r in rows:
+        if not math.isnan(r.ppl_gap_vs_inductor):
+            out.append((r, r.ppl_gap_vs_inductor, "trained"))
+        elif r.variant in EXACT[:3] or r.variant.startswith(EXACT[3]):
+            out.append((r, 0.0, "exact"))
+        elif " +budget" in r.variant:
+            base = " ".join(w for w in r.variant.split() if not w.startswith("+budget"))
+            gap = gaps.get((r.model, base), float("nan"))
+            if not math.isnan(gap):
+                out.append((r, gap, f"from {base}"))
+    return out
+
+
+def plot_plane(rows: list[Row], path: str, title: str = "") -> None:
+    """Perplexity gap to Inductor against the step peak (x Inductor's), one panel per model. Points
+    are numbered and named in a key beside each panel, so no two labels overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = plane_points(rows)
+    models = list(dict.fromkeys(r.model for r, _, _ in points))
+    if not models:
+        raise ValueError("no row has a perplexity gap: train the PRAC variants first "
+                         "(python -m bench convergence)")
+    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 4.8), squeeze=False)
+    styles = {"trained": dict(marker="o"), "exact": dict(marker="s")}
+    for ax, model in zip(axes[0], models):
+        mine = [p for p in points if p[0].model == model]
+        key = []
+        for i, (r, gap, how) in enumerate(mine, 1):
+            style = styles.get(how, dict(marker="D"))
+            ax.scatter(r.peak_vs_inductor, 100 * gap, s=60, color=plt.cm.tab10(i % 10), **style)
+            ax.annotate(str(i), (r.peak_vs_inductor, 100 * gap), fontsize=8, xytext=(5, 4),
+                        textcoords="offset points")
+            note = "" if how == "trained" else (" (exact)" if how == "exact" else f" ({how})")
+            key.append(f"{i:2d}  {r.variant}{note}")
+        ax.text(1.02, 1.0, "\n".join(key), transform=ax.transAxes, fontsize=7.5, va="top",
+                family="monospace")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel("step peak / Inductor's")
+        ax.set_ylabel("validation perplexity gap to Inductor (%)")
+        ax.set_title(f"tiny {model}", fontsize=9)
+        ax.grid(alpha=0.3)
+    if title:
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 # -- convergence ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ConvergenceRow:

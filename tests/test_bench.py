@@ -101,6 +101,27 @@ def test_tradeoff_plot(tiny_rows, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plane_points_and_plot(tmp_path):
+    """Trained rows keep their own gap; exact variants sit at 0; PRAC with a budget takes the gap
+    of the PRAC run with the same rank; a PRAC row with no run is left out."""
+    def row(variant, peak, gap=float("nan")):
+        return Row(model="gpt2", variant=variant, saved_mib=1.0, peak_mib=1.0, step_ms=1.0,
+                   tokens_per_s=1.0, compile_s=0.0,
+                   peak_vs_inductor=peak, ppl_gap_vs_inductor=gap)
+    rows = [row("inductor", 1.0, 0.0), row("inductor+ckpt", 0.44), row("inductor budget=0.5", 0.67),
+            row("prac r=n/4", 0.8, 0.033), row("prac r=n/4 +budget=0.7", 0.65), row("prac r=n/8", 0.77)]
+    got = {(r.variant, round(gap, 4), how) for r, gap, how in report.plane_points(rows)}
+    assert got == {("inductor", 0.0, "trained"), ("inductor+ckpt", 0.0, "exact"),
+                   ("inductor budget=0.5", 0.0, "exact"), ("prac r=n/4", 0.033, "trained"),
+                   ("prac r=n/4 +budget=0.7", 0.033, "from prac r=n/4")}
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "plane.png"
+    report.plot_plane(rows, str(path), title="tiny")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no row has a perplexity gap"):
+        report.plot_plane([row("prac r=n/8", 0.77)], str(path))
+
+
 # -- variants -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", variants.FULL)
 def test_every_variant_name_builds(name):
