@@ -5,6 +5,7 @@ memory-saving alternatives.
     python -m bench convergence [--quick]        pre-training on Shakespeare, validation perplexity
     python -m bench finetune                     MiniLM on movie-review sentiment, held-out accuracy
     python -m bench variance                     weight-gradient variance of each PRAC variant
+    python -m bench staleness                    how fast a principal basis goes stale in training
 
 The suite re-executes itself once with the allocator settings that make peak-memory figures true
 on CPU (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``: large blocks come from mmap
@@ -24,7 +25,7 @@ import sys
 from typing import Callable
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_WAIT_POLICY": "PASSIVE"}
-COMMANDS = ("suite", "convergence", "finetune", "variance")
+COMMANDS = ("suite", "convergence", "finetune", "variance", "staleness")
 
 
 def _reexec_with_env(threads: int) -> None:
@@ -86,6 +87,11 @@ def parse(argv):
         p.add_argument("--variants", default="prac-n/4,prac-n/4+S=1,prac-n/4+S=2")
         p.add_argument("--steps", type=int, default=100, help="training steps before measuring")
         p.add_argument("--draws", type=int, default=16, help="draws of the random part per site")
+    elif command == "staleness":
+        p.add_argument("--models", default="gpt2,llama", help="comma-separated presets")
+        p.add_argument("--fit-at", type=int, default=300, help="training steps before the fit")
+        p.add_argument("--ages", default="1,25,50,100,200,400",
+                       help="comma-separated steps after the fit at which to measure")
     else:
         p.add_argument("--variants", default="inductor,prac-n/4")
         p.add_argument("--steps", type=int, default=300)
@@ -252,6 +258,22 @@ def variance(args) -> int:
     return 0
 
 
+def staleness(args) -> int:
+    import torch
+
+    from bench import staleness as st
+    from bench.harness import machine
+
+    torch.set_num_threads(args.threads)
+    ages = [int(a) for a in _names(args.ages)]
+    rows = [row for m in _names(args.models) for row in st.measure(m, args.fit_at, ages)]
+    print(f"{machine()}, {args.threads} thread(s), float32; models 4 x 256, batch 8, seq 256, "
+          f"seed 0, exact training (no compression); rank n/4, r1 = r2; one held-out batch")
+    print(st.table(rows, markdown=args.markdown))
+    _write(rows, {"machine": machine(), "fit_at": args.fit_at}, args)
+    return 0
+
+
 def cli(argv: list[str]) -> int:
     """``prac-fx bench ARGS``: ``python -m bench ARGS`` in a fresh process that starts with the
     measuring environment (allocator and OpenMP settings must be in place before start-up)."""
@@ -264,7 +286,7 @@ def main(argv=None) -> int:
     if argv is None:
         _reexec_with_env(args.threads)
     return {"suite": suite, "convergence": convergence, "finetune": finetune,
-            "variance": variance}[args.command](args)
+            "variance": variance, "staleness": staleness}[args.command](args)
 
 
 if __name__ == "__main__":

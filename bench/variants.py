@@ -16,7 +16,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     keeps compressed copies for the rest; ``+budget=B`` sets another budget
                     (a fraction of the graph's own saved bytes, which PRAC has already cut)
 ``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
-                    part every b steps (defaults: 500, and only at refreshes)
+                    part every b steps (defaults: 500, and only at refreshes); with b > a the
+                    draw is held and projected against each refitted Q1
 ``prac-R+S=s``      PRAC whose principal basis follows each batch: s subspace iterations in
                     the graph per step (``subspace_iters``), the random draw held for T2
 ``prac-R+cyc``      PRAC whose random part cycles through one basis of the complement, a new

@@ -62,7 +62,10 @@ class PracConfig:
             random part held for a whole refresh window trained better under Adam than one
             redrawn every 50 calls or every call (README, "Convergence"): Adam normalises each
             coordinate, so a fixed subspace gives consistent updates, while per-step redraws
-            mostly inflate its second-moment estimate.
+            mostly inflate its second-moment estimate. Longer than ``refresh_every``: the raw
+            Gaussian draw is kept for the window, and each refit of Q1 within it projects the
+            same draw against the new Q1 (Haar in the new complement again), so the random
+            subspace moves only as far as Q1 does.
         seed: seeds the generator of every random draw, which runs outside the graph.
         site_filter: ``(module_path) -> bool``; only sites for which it returns True are
             compressed, e.g. ``lambda fqn: "blocks.0." not in fqn``. None: every site (but the
