@@ -280,7 +280,9 @@ class BasisStore:
             else:
                 draw = g.draw.double()
             cycle = self.config.complement == "cycle"
-            if cycle:  # a whole basis of the complement, n - r1 columns
+            if cycle:  # a whole basis of the complement, n - r1 columns (drawn after the (n, r2)
+                # draw above, which it replaces: the generator's sequence is the one the
+                # measured runs used)
                 draw = torch.randn(g.n, g.n - g.r1, generator=self.generator, dtype=torch.float64)
             if self.follows(key):
                 # the raw Gaussian draw: the graph projects it against each call's own Q1, and
