@@ -137,7 +137,8 @@ def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-EXACT = ("eager", "inductor", "inductor+ckpt", "inductor budget=")  # labels (prefixes) of exact variants
+EXACT = ("eager", "inductor", "inductor+ckpt")  # labels of the variants with Inductor's gradients
+EXACT_PREFIX = "inductor budget="  # and of the memory budgets
 
 
 def plane_points(rows: list[Row]) -> list[tuple[Row, float, str]]:
@@ -152,7 +153,7 @@ def plane_points(rows: list[Row]) -> list[tuple[Row, float, str]]:
     for r in rows:
         if not math.isnan(r.ppl_gap_vs_inductor):
             out.append((r, r.ppl_gap_vs_inductor, "trained"))
-        elif r.variant in EXACT[:3] or r.variant.startswith(EXACT[3]):
+        elif r.variant in EXACT or r.variant.startswith(EXACT_PREFIX):
             out.append((r, 0.0, "exact"))
         elif " +budget" in r.variant:
             base = " ".join(w for w in r.variant.split() if not w.startswith("+budget"))

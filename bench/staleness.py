@@ -1,7 +1,8 @@
 """How fast a principal basis goes stale while the weights train, from the variance identity.
 
 Train the bench's tiny model (eager, AdamW at the convergence runs' learning rate with their
-warm-up, no compression: the exact trajectory) for ``fit_at`` steps; fit Q1 of every linear
+warm-up, no compression and no gradient clipping: the exact trajectory; it does not go through
+``bench.training.train_loop``, whose clipping the convergence runs use) for ``fit_at`` steps; fit Q1 of every linear
 site (top r1 = r/2 eigenvectors of x^T x, r = n/4, the default split) to the next training
 batch; train on; after each of ``ages`` further steps evaluate, on one fixed held-out batch,
 
@@ -35,11 +36,14 @@ class StalenessRow:
 
 
 def _linear_sites(model):
+    """The modules the backend would compress by default: linear layers but the output heads."""
     from transformers.pytorch_utils import Conv1D
 
-    heads = ("lm_head",)
+    from prac_fx import PracConfig
+
+    config = PracConfig()
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (torch.nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] not in heads}
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and not config.is_head(name)}
 
 
 def measure(model_name: str, fit_at: int, ages: list[int], seed: int = 0) -> list[StalenessRow]:
