@@ -22,6 +22,9 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     the graph per step (``subspace_iters``), the random draw held for T2
 ``prac-R+cyc``      PRAC whose random part cycles through one basis of the complement, a new
                     block of it each step (``complement="cycle"``)
+``prac-R+ek``       PRAC leaving exact the input groups whose compressed copy the partitioned
+                    graph would not save (``exact_if_kept``: the attention output under the
+                    output projection, and under a budget whatever is recomputed)
 ``budget=B``        Inductor with ``activation_memory_budget = B``
 ``prac-R+mb=B``     PRAC with ``memory_budget=B``: B is a fraction of what the *uncompressed*
                     graph keeps; the backend sets the partitioner's budget per graph
@@ -127,10 +130,10 @@ def by_name(spec: str) -> Variant:
     follow = {e for e in extras if e.startswith("S=") and e[2:].isdigit()}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
     mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
-    unknown = set(extras) - {"allsites", "nohead", "cyc"} - timing - follow - set(budgets) - set(mbs)
+    unknown = set(extras) - {"allsites", "nohead", "cyc", "ek"} - timing - follow - set(budgets) - set(mbs)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -141,6 +144,8 @@ def by_name(spec: str) -> Variant:
             options["head_loss"] = False
         if "cyc" in extras:
             options["complement"] = "cycle"
+        if "ek" in extras:
+            options["exact_if_kept"] = True
         if mbs:
             options["memory_budget"] = float(mbs[0][3:])
         for e in timing:

@@ -32,8 +32,10 @@ class SitePolicy(Protocol):
 
     subspace_iters: int  # > 0: principal bases follow each call's input (``passes.rewrite``)
     complement_scale: float | None  # k on the random part; None: (n - r1) / r2
-    # Optional (read with getattr; defaults True and None): ``head_loss``, whether the head and
-    # cross-entropy loss become one chunked op; ``head_loss_chunk_rows``, its rows per chunk.
+    # Optional (read with getattr; defaults True, None and ()): ``head_loss``, whether the head
+    # and cross-entropy loss become one chunked op; ``head_loss_chunk_rows``, its rows per chunk;
+    # ``kept_anyway``, names of site nodes left exact because the partitioned graph keeps their
+    # input for backward anyway (``kinds.KEPT_ANYWAY``).
 
 
 @dataclasses.dataclass
@@ -44,8 +46,8 @@ class Site:
     ``find_sites``, not yet rewritten) or ``"rewritten"`` (``kinds.STATUSES``); a skipped site
     names its ``reason`` (``kinds.REASONS``): ``attention``, ``nonlinear``, ``no trainable
     weight``, ``output head``, ``filtered``, ``too narrow for the rank``, ``too few rows to
-    gain``, ``unsupported pattern``, and the two
-    checkpoint reasons (``kinds.CHECKPOINTED``, ``kinds.SELECTIVE``). A candidate that ``rewrite_sites`` did not reach (a graph
+    gain``, ``unsupported pattern``, the two
+    checkpoint reasons (``kinds.CHECKPOINTED``, ``kinds.SELECTIVE``) and ``kinds.KEPT_ANYWAY``. A candidate that ``rewrite_sites`` did not reach (a graph
     whose rewrite failed) keeps ``"candidate"``.
     """
 

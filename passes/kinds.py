@@ -37,8 +37,11 @@ UNSUPPORTED_PATTERN = "unsupported pattern"
 CHECKPOINTED = "inside activation checkpoint: recomputed, nothing saved to compress"
 SELECTIVE = ("inside selective activation checkpoint: its policy decides what is saved; "
              "not compressed")
+# a site whose input the partitioned graph keeps for another op's backward anyway (the attention
+# output under an output projection): a compressed copy would save nothing (``exact_if_kept``)
+KEPT_ANYWAY = "input kept for backward anyway: compressing saves nothing"
 REASONS = (REASON_ATTENTION, REASON_NONLINEAR, NO_TRAINABLE_WEIGHT, OUTPUT_HEAD, FILTERED,
-           TOO_NARROW, TOO_FEW_ROWS, UNSUPPORTED_PATTERN, CHECKPOINTED, SELECTIVE)
+           TOO_NARROW, TOO_FEW_ROWS, UNSUPPORTED_PATTERN, CHECKPOINTED, SELECTIVE, KEPT_ANYWAY)
 
 # -- the tag on inserted nodes --------------------------------------------------------------------
 TAG = "prac"

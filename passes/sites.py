@@ -12,8 +12,10 @@ A site is named by the module that calls it (``nn_module_stack``; for a function
 compiled frame itself, by its weight's owner). A site is a candidate when its weight is a graph
 input that requires grad (a trained parameter, tied or not), 2-D and floating point, and its
 input has at least two dimensions. Skipped with that reason are candidates in an output head
-(``policy.is_head``: ``lm_head``, a classifier), those the site filter rejects, those whose
-width n is below the rank, and those whose input has so few rows N that the factored weight
+(``policy.is_head``: ``lm_head``, a classifier), those the site filter rejects, those the
+policy names as kept anyway (``policy.kept_anyway``: the backend found their input saved for
+another op's backward, so a compressed copy would save nothing), those whose width n is below
+the rank, and those whose input has so few rows N that the factored weight
 gradient would cost more than the exact one (r (N + n) >= N n with r < n: a pooled or classifier
 input with one row per sample). A rank equal to the width keeps every direction and is never
 skipped for its rows (the exact mode the tests use).
@@ -195,6 +197,9 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             continue
         if not policy.include(site.module):
             site.reason = kinds.FILTERED
+            continue
+        if node.name in getattr(policy, "kept_anyway", ()):
+            site.reason = kinds.KEPT_ANYWAY
             continue
         ranks = policy.ranks(site.n)
         if ranks is None:

@@ -169,6 +169,17 @@ def inductor_compile(gm: torch.fx.GraphModule, example_inputs: list,
     return compile_fx(gm, list(example_inputs), **kwargs)
 
 
+def inductor_config(patches: dict | None):
+    """A context with Inductor settings ``patches`` in force (nothing when empty)."""
+    import contextlib
+
+    if not patches:
+        return contextlib.nullcontext()
+    from torch._inductor import config
+
+    return config.patch(patches)
+
+
 def inductor_mode_options(mode: str) -> dict:
     """The Inductor settings a ``torch.compile`` mode stands for; RuntimeError for an unknown
     mode (public: ``torch._inductor.list_mode_options``)."""
@@ -238,23 +249,41 @@ def activation_memory_budget(budget: float):
 
 
 def partition_only(gm: torch.fx.GraphModule, example_inputs: list,
-                   see: Callable[[torch.fx.GraphModule, torch.fx.GraphModule], None]) -> None:
-    """Trace ``gm`` with AOTAutograd and partition it with the min-cut partitioner, compiling
-    nothing; ``see(forward, backward)`` receives the partition (read it there: AOTAutograd
-    compiles the backward lazily, at its first call)."""
+                   see: Callable[[torch.fx.GraphModule, torch.fx.GraphModule], None],
+                   partitioner: str = "min_cut") -> None:
+    """Trace ``gm`` with AOTAutograd and partition it, compiling nothing; ``see(forward,
+    backward)`` receives the partition (read it there: AOTAutograd compiles the backward lazily,
+    at its first call). ``partitioner``: ``"min_cut"`` (the min-cut partitioner alone),
+    ``"inductor"`` (as ``torch.compile`` partitions: Inductor's decompositions, its joint-graph
+    passes, then min-cut with Inductor's fusion rules) or ``"default"`` (AOTAutograd's default,
+    which ``aot_eager`` uses)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._functorch import partitioners
+
+    extra = {}
+    if partitioner == "inductor":
+        from torch._inductor.compile_fx import partition_fn as split
+        from torch._inductor.decomposition import select_decomp_table
+
+        extra["decompositions"] = select_decomp_table()
+    elif partitioner == "min_cut":
+        split = partitioners.min_cut_rematerialization_partition
+    elif partitioner == "default":
+        split = partitioners.default_partition
+    else:
+        raise ValueError(f"partitioner must be 'min_cut', 'inductor' or 'default', got {partitioner!r}")
 
     def partition(joint, joint_inputs, **kwargs):
-        fw_module, bw_module = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        fw_module, bw_module = split(joint, joint_inputs, **kwargs)
         see(fw_module, bw_module)
         return fw_module, bw_module
 
     def nop(g, ex):
         return make_boxed_func(g.forward)
 
-    aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=partition)(gm, list(example_inputs))
+    aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=partition, **extra)(
+        gm, list(example_inputs))
 
 
 # -- the backend registry ----------------------------------------------------------------------------

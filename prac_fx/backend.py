@@ -26,7 +26,7 @@ from prac_fx.passes import kinds, torch_seam
 from prac_fx.passes import probe as probe_graph
 from prac_fx.passes.graph_state import GraphState
 from prac_fx.passes.sites import match
-from prac_fx.report import GraphRecord, Report
+from prac_fx.report import GraphRecord, Report, placement
 from prac_fx.runner import PracRunner
 
 log = logging.getLogger("prac_fx")
@@ -69,6 +69,18 @@ class _Plan:
     state: GraphState  # sites, groups and pass results
     devices: list[torch.device]  # per group: the device of its input (and basis)
     examples: list  # the example values of the inputs the rewrite appended (bases, draws, stats)
+
+
+class _KeptExact:
+    """``config`` as the passes' policy, with the site nodes named in ``kept_anyway`` left exact
+    (``SitePolicy.kept_anyway``)."""
+
+    def __init__(self, config: PracConfig, kept_anyway: frozenset[str]):
+        self._config = config
+        self.kept_anyway = kept_anyway
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
 
 
 class PracBackend:
@@ -122,6 +134,8 @@ class PracBackend:
             record.note = "grad disabled: compiled unchanged" if self.rewrite else "baseline"
             return self._compile(gm, example_inputs, record, patches)
         plan = self._plan(gm, record)
+        if plan is not None and self.config.exact_if_kept:
+            plan = self._without_kept(gm, example_inputs, record, plan, patches)
         if plan is None:
             return self._compile(gm, example_inputs, record, patches)
         try:
@@ -142,12 +156,15 @@ class PracBackend:
             return self._compile(gm, example_inputs, record, patches)
         return self._bind(gm, plan, compiled, record)
 
-    def _plan(self, gm: torch.fx.GraphModule, record: GraphRecord) -> _Plan | None:
+    def _plan(self, gm: torch.fx.GraphModule, record: GraphRecord,
+              kept_anyway: frozenset[str] = frozenset()) -> _Plan | None:
         """Run the passes on a copy of ``gm`` and fill ``record``; None when nothing is to be
-        rewritten (the record's note says why). Touches neither ``gm`` nor the store."""
+        rewritten (the record's note says why). Touches neither ``gm`` nor the store. The site
+        nodes named in ``kept_anyway`` stay exact (``kinds.KEPT_ANYWAY``)."""
+        policy = _KeptExact(self.config, kept_anyway) if kept_anyway else self.config
         try:
             work = probe_graph.clone(gm)
-            state = passes.run(work, self.config)
+            state = passes.run(work, policy)
         except Exception as err:  # never stop training on a graph the passes cannot handle
             if torch_seam.is_dynamo_control_flow(err):
                 raise
@@ -196,6 +213,29 @@ class PracBackend:
                                             device=devices[0], requires_grad=True))
         return _Plan(work, state, devices, examples)
 
+    def _without_kept(self, gm, example_inputs, record: GraphRecord, plan: _Plan,
+                      patches: dict) -> _Plan | None:
+        """``exact_if_kept``: partition the rewritten graph as its compile will (tracing only:
+        the same partitioner, settings and budget) and plan again without the groups whose
+        compressed copy the forward does not save; ``plan`` itself when every copy is saved."""
+        inputs = [*example_inputs, *plan.examples]
+        if self.compiler == "inductor":
+            partitioner = "inductor"
+        else:  # as _compile_inner's aot_eager: min-cut only under a budget
+            partitioner = "min_cut" if self.config.memory_budget is not None else "default"
+        forwards: list[torch.fx.GraphModule] = []
+        with budget_mod.applied(self._budget(gm, example_inputs, plan.work, inputs)), \
+                torch_seam.inductor_config(patches):
+            torch_seam.partition_only(plan.work, inputs, lambda fw, bw: forwards.append(fw),
+                                      partitioner)
+        status, _ = placement(forwards[0].graph, record.tags)
+        kept = [g for index, g in enumerate(plan.state.groups) if status.get(index) != "saved"]
+        if not kept:
+            return plan
+        log.info("prac_fx: graph %d: %d group(s) left exact, their input kept for backward "
+                 "anyway: %s", record.index, len(kept), ", ".join(g.key for g in kept))
+        return self._plan(gm, record, frozenset(name for g in kept for name in g.sites))
+
     def _bind(self, gm: torch.fx.GraphModule, plan: _Plan, compiled: Callable,
               record: GraphRecord) -> PracRunner:
         """Give the compiled graph its bases: claim each group's store key, register the
@@ -204,9 +244,9 @@ class PracBackend:
         names = [g.key for g in state.groups]  # before each weight claims its own key
         owner_args = self._claim(gm, state)
         # the partitioned graphs were recorded under the names; the report reads the keys
-        placement = dict(record.placement)
-        record.placement = {g.key: placement[name] for name, g in zip(names, state.groups)
-                            if name in placement}
+        by_name = dict(record.placement)
+        record.placement = {g.key: by_name[name] for name, g in zip(names, state.groups)
+                            if name in by_name}
         for group, device in zip(state.groups, plan.devices):
             self.store.register(group.key, group.spec, device)
         probe = None

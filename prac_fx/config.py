@@ -17,7 +17,7 @@ ENV_PREFIX = "PRAC_FX_"
 # PracConfig fields settable from the environment (site_filter, a callable, is not; its
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
 _ENV_FIELDS = ("rank", "split", "refresh_every", "resample_every", "seed", "complement_scale",
-               "exact_heads", "subspace_iters", "complement")
+               "exact_heads", "subspace_iters", "complement", "exact_if_kept")
 COMPLEMENTS = ("held", "cycle")  # how the random part moves between redraws
 
 
@@ -113,6 +113,14 @@ class PracConfig:
             for that graph's compile only (``prac_fx/budget.py``). Where compression alone keeps
             no more, nothing is recomputed. The report shows the budget asked for and the bytes
             kept.
+        exact_if_kept: leave exact the input groups whose compressed copy the partitioned graph
+            would not save: their input is kept for another op's backward anyway (the attention
+            output under ``o_proj`` / GPT-2's ``attn.c_proj``, which attention's backward needs),
+            or, under a memory budget, recomputed from what is. Compressing them saves no memory
+            and only adds weight-gradient noise. The backend finds them by partitioning the
+            rewritten graph once (tracing only, under the budget the compile will use) and
+            rewrites the graph again without them; the report gives their reason
+            (``kinds.KEPT_ANYWAY``). Costs one more trace of each training graph at compile time.
     """
 
     rank: int | float = 0.25
@@ -128,6 +136,7 @@ class PracConfig:
     head_loss_chunk_rows: int | None = None
     memory_budget: float | None = None
     complement: str = "held"
+    exact_if_kept: bool = False
 
     def __post_init__(self):
         rank, split = self.rank, self.split
@@ -176,8 +185,9 @@ class PracConfig:
                 or not 0 <= self.subspace_iters <= 8:
             raise ValueError(f"subspace_iters must be an int in [0, 8] (subspace iterations per "
                              f"training call), got {self.subspace_iters!r}")
-        if not isinstance(self.head_loss, bool):
-            raise ValueError(f"head_loss must be True or False, got {self.head_loss!r}")
+        for name in ("head_loss", "exact_if_kept"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         budget = self.memory_budget
         if budget is not None and (not _is_number(budget) or not 0.0 <= budget <= 1.0):
             raise ValueError(f"memory_budget must be None or a fraction in [0, 1] of what the "
@@ -207,7 +217,7 @@ class PracConfig:
         ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
         ``PRAC_FX_SUBSPACE_ITERS``, ``PRAC_FX_COMPLEMENT`` (``held`` or ``cycle``),
-        ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
+        ``PRAC_FX_EXACT_IF_KEPT`` (``1``/``true`` or ``0``/``false``), ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
         ``PRAC_FX_EXCLUDE`` (comma-separated substrings of module paths left exact). Unset ones
         keep their defaults. Values are checked like ``PracConfig(...)`` arguments; an unknown
         ``PRAC_FX_*`` name is an error, so a typo never passes silently.
@@ -230,6 +240,11 @@ class PracConfig:
             text = text.strip()
             if field == "complement":
                 kwargs[field] = text
+            elif field == "exact_if_kept":
+                flag = {"1": True, "true": True, "0": False, "false": False}.get(text.lower())
+                if flag is None:
+                    raise ValueError(f"{key} must be 1, true, 0 or false, got {text!r}")
+                kwargs[field] = flag
             elif field == "exact_heads":
                 kwargs[field] = tuple(p.strip() for p in text.split(",") if p.strip())
             elif field in ("resample_every", "complement_scale") and text.lower() == "none":

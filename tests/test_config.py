@@ -92,3 +92,13 @@ def test_complement_choices():
     assert PracConfig.from_env({"PRAC_FX_COMPLEMENT": "cycle"}).complement == "cycle"
     with pytest.raises(ValueError, match="PRAC_FX_.*complement must be one of"):
         PracConfig.from_env({"PRAC_FX_COMPLEMENT": "7"})
+
+
+def test_exact_if_kept_flag():
+    assert PracConfig().exact_if_kept is False
+    with pytest.raises(ValueError, match="exact_if_kept must be True or False"):
+        PracConfig(exact_if_kept=1)
+    for text, flag in (("1", True), ("true", True), ("False", False), ("0", False)):
+        assert PracConfig.from_env({"PRAC_FX_EXACT_IF_KEPT": text}).exact_if_kept is flag
+    with pytest.raises(ValueError, match="PRAC_FX_EXACT_IF_KEPT must be 1, true, 0 or false"):
+        PracConfig.from_env({"PRAC_FX_EXACT_IF_KEPT": "yes"})

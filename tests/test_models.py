@@ -114,3 +114,32 @@ def test_new_sequence_length_shares_bases(low_rank):
         _step(compiled, short)
     assert set(be.store.groups) == keys  # the new graph found the same bases
     assert sum(g.training for g in be.graphs) <= training_graphs + 1
+
+
+def test_exact_if_kept_leaves_free_sites_exact(low_rank):
+    """``exact_if_kept``: the groups whose compressed copy the default compile does not save
+    (the attention output under o_proj / attn.c_proj, kept for attention's backward anyway) stay
+    exact, with their exact weight gradient; the others stay compressed, their copies saved; and
+    the bytes saved for backward do not grow."""
+    name, model, ids, be, compiled, _ = low_rank
+    _step(compiled, ids)
+    free = {r["module"] for r in be.report().rows(include_skipped=False)
+            if r["compressed copy"] != "saved"}
+    assert free, "expected a site whose copy is not saved (the output projection)"
+    kept_be = prac_fx.backend(rank=0.125, exact_if_kept=True)
+    kept = torch.compile(model, backend=kept_be, fullgraph=True)
+    _, _, ref = _step(model, ids)
+    _, _, grads = _step(kept, ids)
+    graph = next(g for g in kept_be.graphs if g.training)
+    exact = {s.module for s in graph.sites if s.reason == prac_fx.passes.kinds.KEPT_ANYWAY}
+    assert exact == free
+    assert {r["compressed copy"] for r in kept_be.report().rows(include_skipped=False)} == {"saved"}
+    for module in exact:
+        torch.testing.assert_close(grads[module + ".weight"], ref[module + ".weight"],
+                                   rtol=1e-4, atol=1e-6)
+    compressed = next(r["module"] for r in kept_be.report().rows(include_skipped=False))
+    assert rel_err(grads[compressed + ".weight"], ref[compressed + ".weight"]) > 1e-3
+    params = list(model.parameters())
+    before = memory.saved_bytes(lambda: compiled(ids, labels=ids).loss, params)
+    after = memory.saved_bytes(lambda: kept(ids, labels=ids).loss, params)
+    assert after <= before, (after, before)
