@@ -143,3 +143,26 @@ def test_exact_if_kept_leaves_free_sites_exact(low_rank):
     before = memory.saved_bytes(lambda: compiled(ids, labels=ids).loss, params)
     after = memory.saved_bytes(lambda: kept(ids, labels=ids).loss, params)
     assert after <= before, (after, before)
+
+
+def test_exact_if_kept_under_a_memory_budget(low_rank):
+    """Under ``memory_budget`` the partitioner recomputes more; with ``exact_if_kept`` every
+    group it would recompute stays exact, so each copy that remains is saved, and the bytes
+    kept are no more than PRAC's under the same budget."""
+    name, model, ids, _, _, _ = low_rank
+    params = list(model.parameters())
+    kept_bytes = {}
+    for flag in (False, True):
+        be = prac_fx.backend(rank=0.125, memory_budget=0.5, exact_if_kept=flag)
+        compiled = torch.compile(model, backend=be, fullgraph=True)
+        _step(compiled, ids)
+        kept_bytes[flag] = memory.saved_bytes(lambda: compiled(ids, labels=ids).loss, params)
+        rows = be.report().rows(include_skipped=False)
+        graph = next(g for g in be.graphs if g.training)
+        reasons = {s.reason for s in graph.sites if s.kind in prac_fx.passes.kinds.LINEAR_KINDS}
+        if flag:
+            assert {r["compressed copy"] for r in rows} <= {"saved"}
+            assert prac_fx.passes.kinds.KEPT_ANYWAY in reasons
+        else:
+            assert prac_fx.passes.kinds.KEPT_ANYWAY not in reasons
+    assert kept_bytes[True] <= kept_bytes[False], kept_bytes
