@@ -252,7 +252,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             head.reason = reason
             continue
 
-        chunk = getattr(policy, "head_loss_chunk_rows", None) or chunk_rows_for(rows, vocab)
+        width = int(x_val.shape[-1]) if isinstance(x_val, torch.Tensor) else None
+        chunk = getattr(policy, "head_loss_chunk_rows", None) or chunk_rows_for(rows, vocab, width)
         chunk = min(chunk, max(rows, 1))
         head.chunk_rows = chunk
         loss_dtype = loss_in.dtype

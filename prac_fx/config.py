@@ -106,7 +106,9 @@ class PracConfig:
             logits, which a compressed copy of the head input cannot give, so the op saves
             the head input itself (still far less than the logits).
         head_loss_chunk_rows: rows per chunk of that op. None chooses them from the sizes, so
-            that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32).
+            that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32) and
+            a chunk's logits are no larger than the head input, but at least 128 rows
+            (``passes.chunked_ce.chunk_rows_for``).
         memory_budget: None, or a fraction in [0, 1] of what the *uncompressed* graph would keep
             for backward. The backend measures that and the rewritten graph's default, and hands
             the min-cut partitioner the ``activation_memory_budget`` that keeps this many bytes,

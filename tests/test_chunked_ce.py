@@ -119,6 +119,18 @@ def test_chunk_rows_bounded():
     assert -(-1000 // rows) * rows - 1000 < -(-1000 // rows)
 
 
+def test_chunk_no_larger_than_the_head_input():
+    # the bench's tiny models: 2048 rows, width 256, vocab 2048 -> logits of one chunk match
+    # the (2048, 256) input: 256 rows, where the element cap alone allows all 2048
+    assert chunk_rows_for(2048, 2048) == 2048
+    assert chunk_rows_for(2048, 2048, width=256) == 256
+    # the floor: at vocab 32000 the input-size rule would give 16 rows; 128 keep re-reads few
+    assert chunk_rows_for(2048, 32000, width=256) == 128
+    # a wide model: the element cap binds, as without the width
+    assert chunk_rows_for(16384, 32000, width=4096) == chunk_rows_for(16384, 32000)
+    assert chunk_rows_for(100, 2048, width=256) == 100  # fewer rows than the floor: one chunk
+
+
 def test_bad_reduction():
     x, w, b, labels = _inputs((4,), False)
     with pytest.raises(ValueError, match="reduction"):
