@@ -137,16 +137,18 @@ def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-EXACT = ("eager", "inductor", "inductor+ckpt")  # labels of the variants with Inductor's gradients
-EXACT_PREFIX = "inductor budget="  # and of the memory budgets
+# labels of the variants with Inductor's gradients (the head-and-loss op is exact), and the
+# prefixes of those under a memory budget
+EXACT = ("eager", "inductor", "inductor+ckpt", "headloss")
+EXACT_PREFIX = ("inductor budget=", "headloss budget=")
 
 
 def plane_points(rows: list[Row]) -> list[tuple[Row, float, str]]:
     """(row, perplexity gap to Inductor, how the gap is known) for the perplexity-vs-peak plane.
 
-    Trained: the row's own convergence run. Exact: eager, checkpointing and the memory budget
-    compute Inductor's gradients (recomputation is exact), so their gap is 0 without a run of
-    their own. PRAC with a budget: the gap of the PRAC run with the same rank and options (the
+    Trained: the row's own convergence run. Exact: eager, checkpointing, the memory budget and
+    the head-and-loss op alone compute Inductor's gradients (recomputation is exact), so their
+    gap is 0 without a run of their own. PRAC with a budget: the gap of the PRAC run with the same rank and options (the
     budget only recomputes, exactly). Rows with none of these are left out."""
     gaps = {(r.model, r.variant): r.ppl_gap_vs_inductor for r in rows}
     out = []

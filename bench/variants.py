@@ -26,6 +26,9 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     graph would not save (``exact_if_kept``: the attention output under the
                     output projection, and under a budget whatever is recomputed)
 ``budget=B``        Inductor with ``activation_memory_budget = B``
+``headloss``        exact: prac_fx with no linear site compressed (``site_filter`` passes only the
+                    output heads, which stay exact), so only the head-and-loss pass acts; ``headloss+budget[=B]`` adds the
+                    partitioner budget (0.5 by default), as ``budget`` does for Inductor
 ``prac-R+mb=B``     PRAC with ``memory_budget=B``: B is a fraction of what the *uncompressed*
                     graph keeps; the backend sets the partitioner's budget per graph
 ``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
@@ -92,6 +95,25 @@ def checkpoint() -> Variant:
     return Variant("inductor+ckpt", lambda model: torch.compile(_checkpoint_blocks(model)))
 
 
+def _heads_only(module_path: str) -> bool:
+    """A site filter passing only the output heads: they stay exact as heads, and the
+    head-and-loss pass (which honours the filter) may still take them."""
+    return prac_fx.PracConfig().is_head(module_path)
+
+
+def headloss(value: float | None = None) -> Variant:
+    """Exact training through prac_fx: no linear site compressed, the head and the loss taken
+    by the head-and-loss pass; with ``value``, under that partitioner budget."""
+
+    def make(model):
+        backend = prac_fx.backend(site_filter=_heads_only)
+        fn = torch.compile(model, backend=backend if value is None else _with_budget(backend, value))
+        fn.prac_backend = backend
+        return fn
+
+    return Variant("headloss" if value is None else f"headloss budget={value:g}", make)
+
+
 def budget(value: float = BUDGET) -> Variant:
     return Variant(f"inductor budget={value}",
                    lambda model: torch.compile(model, backend=_with_budget(_inductor_backend, value)))
@@ -124,6 +146,12 @@ def by_name(spec: str) -> Variant:
         return fixed[spec]()
     if spec.startswith("budget=") and _fraction(spec[7:]):
         return budget(float(spec[7:]))
+    if spec == "headloss":
+        return headloss()
+    if spec == "headloss+budget":
+        return headloss(BUDGET)
+    if spec.startswith("headloss+budget=") and _fraction(spec[16:]):
+        return headloss(float(spec[16:]))
     kind, _, rest = spec.partition("-")
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
@@ -133,7 +161,7 @@ def by_name(spec: str) -> Variant:
     unknown = set(extras) - {"allsites", "nohead", "cyc", "ek"} - timing - follow - set(budgets) - set(mbs)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -167,9 +195,9 @@ def by_name(spec: str) -> Variant:
     raise ValueError(f"unknown variant kind {kind!r} in {spec!r}")
 
 
-FULL = ["eager", "inductor", "ckpt", "budget", "prac-n/16", "prac-n/8", "prac-n/4", "prac-0.6n",
+FULL = ["eager", "inductor", "ckpt", "budget", "headloss", "headloss+budget", "prac-n/16", "prac-n/8", "prac-n/4", "prac-0.6n",
         "prac-n/4+budget", "prac-n/4+budget=0.7", "prac-n/4+allsites+budget", "random-n/4",
         "principal-n/4", "resample1-n/4", "refresh1-n/4"]
-QUICK = ["eager", "inductor", "ckpt", "budget", "prac-n/8", "prac-n/4", "prac-n/4+budget",
+QUICK = ["eager", "inductor", "ckpt", "budget", "headloss", "headloss+budget", "prac-n/8", "prac-n/4", "prac-n/4+budget",
          "prac-n/4+budget=0.7", "prac-n/4+allsites+budget"]
 

@@ -64,7 +64,7 @@ TINY = Setup(layers=1, width=64, seq=64, batch=4, vocab=512, repeats=2, refresh_
 
 @pytest.fixture(scope="module")
 def tiny_rows():
-    names = ["eager", "inductor", "prac-n/4"]
+    names = ["eager", "inductor", "prac-n/4", "headloss"]
     rows = run_suite(["gpt2"], [variants.by_name(n) for n in names], TINY)
     return names, rows
 
@@ -81,7 +81,7 @@ def test_harness_rows_have_every_column(tiny_rows):
                 continue
             assert value is not None and not (isinstance(value, float) and math.isnan(value)), (r.variant, f.name)
         assert r.saved_mib > 0 and r.step_ms > 0 and r.tokens_per_s > 0 and r.compile_s >= 0
-    eager, inductor, prac = rows
+    eager, inductor, prac, headloss = rows
     assert eager.saved_vs_eager == eager.step_vs_eager == 1.0
     assert inductor.saved_vs_inductor == inductor.peak_vs_inductor == 1.0
     # PRAC keeps compressed copies: less saved than Inductor; its refresh step is timed
@@ -89,6 +89,9 @@ def test_harness_rows_have_every_column(tiny_rows):
     assert prac.refresh_every == 500 and prac.refresh_ms > 0 and not math.isnan(prac.refresh_amortised)
     assert math.isnan(inductor.refresh_ms)
     assert math.isnan(inductor.bases_mib) and prac.bases_mib > 0  # resident bases, PRAC only
+    # exact, with the head-and-loss op: no logits kept, no bases, nothing compressed
+    assert headloss.saved_mib < inductor.saved_mib and not headloss.bases_mib
+    assert math.isnan(headloss.refresh_ms)
     table = report.suite_table(rows)
     for col in report.SUITE_COLUMNS:
         assert col in table
@@ -109,11 +112,13 @@ def test_plane_points_and_plot(tmp_path):
                    tokens_per_s=1.0, compile_s=0.0,
                    peak_vs_inductor=peak, ppl_gap_vs_inductor=gap)
     rows = [row("inductor", 1.0, 0.0), row("inductor+ckpt", 0.44), row("inductor budget=0.5", 0.67),
-            row("prac r=n/4", 0.8, 0.033), row("prac r=n/4 +budget=0.7", 0.65), row("prac r=n/8", 0.77)]
+            row("prac r=n/4", 0.8, 0.033), row("prac r=n/4 +budget=0.7", 0.65), row("prac r=n/8", 0.77),
+            row("headloss", 0.7), row("headloss budget=0.5", 0.6)]
     got = {(r.variant, round(gap, 4), how) for r, gap, how in report.plane_points(rows)}
     assert got == {("inductor", 0.0, "trained"), ("inductor+ckpt", 0.0, "exact"),
                    ("inductor budget=0.5", 0.0, "exact"), ("prac r=n/4", 0.033, "trained"),
-                   ("prac r=n/4 +budget=0.7", 0.033, "from prac r=n/4")}
+                   ("prac r=n/4 +budget=0.7", 0.033, "from prac r=n/4"),
+                   ("headloss", 0.0, "exact"), ("headloss budget=0.5", 0.0, "exact")}
     pytest.importorskip("matplotlib")
     path = tmp_path / "plane.png"
     report.plot_plane(rows, str(path), title="tiny")
@@ -239,6 +244,8 @@ def test_finetune_rows_pair_seeds_and_add_means():
 
 def test_budget_value_in_a_variant_name():
     assert variants.by_name("prac-n/4+budget=0.7").name == "prac r=n/4 +budget=0.7"
+    assert variants.by_name("headloss+budget").name == "headloss budget=0.5"
+    assert variants.by_name("headloss+budget=0.3").name == "headloss budget=0.3"
     assert variants.by_name("budget=0.3").name == "inductor budget=0.3"
     assert variants.by_name("prac-n/4+mb=0.5").name == "prac r=n/4 +mb=0.5"
     assert variants.by_name("prac-n/4+nohead").name == "prac r=n/4 +nohead"
