@@ -224,10 +224,20 @@ class PracBackend:
         else:  # as _compile_inner's aot_eager: min-cut only under a budget
             partitioner = "min_cut" if self.config.memory_budget is not None else "default"
         forwards: list[torch.fx.GraphModule] = []
-        with budget_mod.applied(self._budget(gm, example_inputs, plan.work, inputs)), \
-                torch_seam.inductor_config(patches):
-            torch_seam.partition_only(plan.work, inputs, lambda fw, bw: forwards.append(fw),
-                                      partitioner)
+        try:
+            with budget_mod.applied(self._budget(gm, example_inputs, plan.work, inputs)), \
+                    torch_seam.inductor_config(patches):
+                torch_seam.partition_only(plan.work, inputs, lambda fw, bw: forwards.append(fw),
+                                          partitioner)
+        except Exception as err:  # the check is an optimisation: keep the plan as it is
+            if torch_seam.is_dynamo_control_flow(err):
+                raise
+            log.warning("prac_fx: graph %d: exact_if_kept could not partition the rewritten "
+                        "graph (%s: %s); every group stays compressed", record.index,
+                        type(err).__name__, err)
+            return plan
+        if not forwards:  # no backward to partition for
+            return plan
         status, _ = placement(forwards[0].graph, record.tags)
         kept = [g for index, g in enumerate(plan.state.groups) if status.get(index) != "saved"]
         if not kept:

@@ -269,3 +269,24 @@ def test_runner_checks_each_basis_against_its_spec():
         compiled(x, scale)
     group.basis = good
     compiled(x, scale).square().sum().backward()
+
+
+def test_exact_if_kept_check_failing_keeps_every_group_compressed(caplog, monkeypatch):
+    """``exact_if_kept`` partitions the rewritten graph once; if that fails the graph is
+    compiled with every group compressed, and a warning says why."""
+    from prac_fx.passes import torch_seam
+    from toys import Attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("partitioner exploded")
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Attention()
+    monkeypatch.setattr(torch_seam, "partition_only", broken)
+    be = prac_fx.backend(rank=8, compiler="eager", exact_if_kept=True)
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        torch.compile(model, backend=be)(torch.randn(2, 16, 32)).square().mean().backward()
+    assert "exact_if_kept could not partition" in caplog.text and "partitioner exploded" in caplog.text
+    graph = next(g for g in be.graphs if g.training)
+    assert graph.rewritten == 6 and not any(s.reason == passes.kinds.KEPT_ANYWAY for s in graph.sites)
