@@ -133,6 +133,7 @@ def plot_tradeoff(rows: list[Row], path: str, title: str = "") -> None:
 
         fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=8)
     fig.tight_layout()
+    fig.subplots_adjust(wspace=0.95)  # room for the key beside each panel
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -178,7 +179,7 @@ def plot_plane(rows: list[Row], path: str, title: str = "") -> None:
     if not models:
         raise ValueError("no row has a perplexity gap: train the PRAC variants first "
                          "(python -m bench convergence)")
-    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(9 * len(models), 4.8), squeeze=False)
     styles = {"trained": dict(marker="o"), "exact": dict(marker="s")}
     for ax, model in zip(axes[0], models):
         mine = [p for p in points if p[0].model == model]
