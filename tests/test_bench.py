@@ -159,6 +159,23 @@ def test_convergence_rows_gaps():
     assert "ppl@100" in report.convergence_table(rows)
 
 
+def test_convergence_rows_with_two_seeds():
+    """Gaps against Inductor of the same seed; a mean row per variant over its seeds."""
+    def run(variant, seed, ppl):
+        res = _fake_result(variant, [7.0, 4.0, math.log(ppl)])
+        res["config"]["seed"] = seed
+        return res
+
+    rows = report.convergence_rows([run("inductor", 0, 50.0), run("prac-n/4", 0, 51.0),
+                                    run("inductor", 1, 40.0), run("prac-n/4", 1, 42.0)])
+    by = {(r.variant, r.seed): r for r in rows}
+    assert by["prac-n/4", "0"].ppl_gap_vs_inductor == pytest.approx(0.02)
+    assert by["prac-n/4", "1"].ppl_gap_vs_inductor == pytest.approx(0.05)
+    mean = by["prac-n/4", "mean of 2"]
+    assert mean.ppl == pytest.approx(46.5) and mean.ppl_gap_vs_inductor == pytest.approx(0.035)
+    assert by["inductor", "mean of 2"].ppl_gap_vs_inductor == pytest.approx(0.0)
+
+
 def test_lr_schedule():
     cfg = convergence.TrainConfig(steps=1000, warmup=100, lr=1e-3, min_lr_ratio=0.1)
     assert convergence.lr_at(0, cfg) == pytest.approx(1e-5)
