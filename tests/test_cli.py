@@ -76,6 +76,17 @@ def test_compress_heads_flag():
     assert status[("--compress-heads",)] == ("rewritten", None)
 
 
+def test_exact_if_kept_flag():
+    """--exact-if-kept: GPT-2's attention output projections, whose input attention's backward
+    keeps anyway, stay exact with that reason; the other sites are compressed."""
+    proc = run("diff", "gpt2", "--exact-if-kept", "--format", "json", "--graph", "none", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    sites = [s for s in json.loads(proc.stdout)["sites"] if s["kind"] in ("linear", "addmm")]
+    kept = {s["module"] for s in sites if s["reason"] == "input kept for backward anyway: compressing saves nothing"}
+    assert kept == {f"transformer.h.{i}.attn.c_proj" for i in range(2)}, sites
+    assert any(s["status"] == "rewritten" for s in sites)
+
+
 def test_golden_json():
     proc = run("diff", *TINY, "--format", "json", "--quiet")
     assert proc.returncode == 0, proc.stderr

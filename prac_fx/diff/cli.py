@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave sites whose module path contains TEXT exact (repeatable)")
     d.add_argument("--compress-heads", action="store_true",
                    help="compress output heads too (lm_head, classifier, ...: exact by default)")
+    d.add_argument("--exact-if-kept", action="store_true",
+                   help="leave exact the groups whose input backward keeps anyway (exact_if_kept)")
     d.add_argument("--batch", type=_positive, help="batch size (preset default 4)")
     d.add_argument("--seq", type=_positive, help="sequence length (preset default 64)")
     d.add_argument("--layers", type=_positive, help="preset layers (default 2)")
@@ -111,7 +113,8 @@ def _diff(args) -> int:
         exclude = list(args.exclude)
         keep = (lambda path: not any(t in path for t in exclude)) if exclude else None
         heads = {"exact_heads": ()} if args.compress_heads else {}
-        config = PracConfig(rank=rank, split=split, site_filter=keep, **heads)
+        config = PracConfig(rank=rank, split=split, site_filter=keep,
+                            exact_if_kept=args.exact_if_kept, **heads)
     except ValueError as err:
         return _error(str(err))
     kinds = args.graph or ["all"]
