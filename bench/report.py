@@ -207,6 +207,25 @@ def plot_plane(rows: list[Row], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def _seed_means(rows: list, group: Callable, fields: tuple[str, ...], least: int = 1) -> list:
+    """With runs of several seeds: per ``group(row)`` with at least ``least`` runs, a copy of its first
+    row with ``seed = "mean of k"`` and each of ``fields`` averaged over the runs (NaNs left
+    out). Nothing when the rows have one seed."""
+    if len({r.seed for r in rows}) < 2:
+        return []
+    means = []
+    for key in dict.fromkeys(group(r) for r in rows):
+        mine = [r for r in rows if group(r) == key]
+        if len(mine) < least:
+            continue
+        averaged = {}
+        for name in fields:
+            values = [getattr(r, name) for r in mine if not math.isnan(getattr(r, name))]
+            averaged[name] = statistics.fmean(values) if values else float("nan")
+        means.append(dataclasses.replace(mine[0], seed=f"mean of {len(mine)}", **averaged))
+    return means
+
+
 # -- convergence ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ConvergenceRow:
@@ -247,20 +266,9 @@ def convergence_rows(results: list[dict]) -> list[ConvergenceRow]:
             res["compile_s"] or float("nan")))
     attach_gaps(rows, lambda r, variant: (r.model, r.seed, variant), "ppl_gap", _ppl_gap,
                 comparable=lambda r, other: other.steps == r.steps)
-    if len({r.seed for r in rows}) < 2:
-        return rows
-    means = []
-    for model, variant in dict.fromkeys((r.model, r.variant) for r in rows):
-        mine = [r for r in rows if (r.model, r.variant) == (model, variant)]
-        if len(mine) < 2:
-            continue
-        fields = {}
-        for name in ("val_loss", "ppl", "ppl_half", "train_loss", "step_ms", "compile_s",
-                     "ppl_gap_vs_eager", "ppl_gap_vs_inductor"):
-            values = [getattr(r, name) for r in mine if not math.isnan(getattr(r, name))]
-            fields[name] = statistics.fmean(values) if values else float("nan")
-        means.append(ConvergenceRow(model, variant, f"mean of {len(mine)}", mine[0].steps, **fields))
-    return rows + means
+    return rows + _seed_means(rows, lambda r: (r.model, r.variant), (
+        "val_loss", "ppl", "ppl_half", "train_loss", "step_ms", "compile_s", "ppl_gap_vs_eager",
+        "ppl_gap_vs_inductor"), least=2)
 
 
 def convergence_header(result: dict) -> str:
@@ -331,19 +339,8 @@ def finetune_rows(results: list[dict]) -> list[FinetuneRow]:
                         r["compile_s"] or float("nan")) for r in results]
     attach_gaps(rows, lambda r, variant: (variant, r.seed), "acc_gap",
                 lambda r, other: r.test_acc - other.test_acc)
-    seeds = sorted({r.seed for r in rows}, key=int)
-    if len(seeds) < 2:
-        return rows
-    means = []
-    for variant in dict.fromkeys(r.variant for r in rows):
-        mine = [r for r in rows if r.variant == variant]
-        fields = {}
-        for name in ("test_acc", "train_loss", "step_ms", "compile_s", "acc_gap_vs_inductor",
-                     "acc_gap_vs_eager"):
-            values = [getattr(r, name) for r in mine if not math.isnan(getattr(r, name))]
-            fields[name] = statistics.fmean(values) if values else float("nan")
-        means.append(FinetuneRow(variant, f"mean of {len(mine)}", mine[0].steps, **fields))
-    return rows + means
+    return rows + _seed_means(rows, lambda r: r.variant, (
+        "test_acc", "train_loss", "step_ms", "compile_s", "acc_gap_vs_inductor", "acc_gap_vs_eager"))
 
 
 def finetune_header(result: dict) -> str:

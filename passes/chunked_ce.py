@@ -51,7 +51,7 @@ def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
 
     The backward holds one chunk's logits and their gradient at a time, on top of everything
     saved: sized like the head input, that transient stays small against the activations (at
-    vocab 2048 and width 256 one 16 MiB chunk raised the step peak of the bench's Llama by 24
+    vocab 2048 and width 256 one 16 MiB chunk raised the step peak of the bench's Llama by about 25
     MiB against 256-row chunks). The floor keeps the weight re-reads, one per chunk, few."""
     if rows <= 0:
         return 1

@@ -134,13 +134,14 @@ class PracBackend:
             record.note = "grad disabled: compiled unchanged" if self.rewrite else "baseline"
             return self._compile(gm, example_inputs, record, patches)
         plan = self._plan(gm, record)
+        uncompressed = None  # what gm keeps for backward, once measured (memory_budget)
         if plan is not None and self.config.exact_if_kept:
-            plan = self._without_kept(gm, example_inputs, record, plan, patches)
+            plan, uncompressed = self._without_kept(gm, example_inputs, record, plan, patches)
         if plan is None:
             return self._compile(gm, example_inputs, record, patches)
         try:
             record.budget = self._budget(gm, example_inputs, plan.work,
-                                         [*example_inputs, *plan.examples])
+                                         [*example_inputs, *plan.examples], uncompressed)
             compiled = self._compile(plan.work, [*example_inputs, *plan.examples], record, patches)
         except Exception as err:  # e.g. AOTAutograd or Inductor rejects the rewritten graph
             if torch_seam.is_dynamo_control_flow(err):
@@ -214,18 +215,22 @@ class PracBackend:
         return _Plan(work, state, devices, examples)
 
     def _without_kept(self, gm, example_inputs, record: GraphRecord, plan: _Plan,
-                      patches: dict) -> _Plan | None:
+                      patches: dict) -> tuple[_Plan | None, int | None]:
         """``exact_if_kept``: partition the rewritten graph as its compile will (tracing only:
         the same partitioner, settings and budget) and plan again without the groups whose
-        compressed copy the forward does not save; ``plan`` itself when every copy is saved."""
+        compressed copy the forward does not save; ``plan`` itself when every copy is saved.
+        Also returns the bytes ``gm`` keeps for backward when the budget measured them (None
+        otherwise), so that they are not measured again."""
         inputs = [*example_inputs, *plan.examples]
         if self.compiler == "inductor":
             partitioner = "inductor"
         else:  # as _compile_inner's aot_eager: min-cut only under a budget
             partitioner = "min_cut" if self.config.memory_budget is not None else "default"
         forwards: list[torch.fx.GraphModule] = []
+        budget = self._budget(gm, example_inputs, plan.work, inputs)
+        uncompressed = budget.uncompressed_bytes if budget is not None else None
         try:
-            with budget_mod.applied(self._budget(gm, example_inputs, plan.work, inputs)), \
+            with budget_mod.applied(budget), \
                     torch_seam.inductor_config(patches):
                 torch_seam.partition_only(plan.work, inputs, lambda fw, bw: forwards.append(fw),
                                           partitioner)
@@ -235,16 +240,16 @@ class PracBackend:
             log.warning("prac_fx: graph %d: exact_if_kept could not partition the rewritten "
                         "graph (%s: %s); every group stays compressed", record.index,
                         type(err).__name__, err)
-            return plan
+            return plan, uncompressed
         if not forwards:  # no backward to partition for
-            return plan
+            return plan, uncompressed
         status, _ = placement(forwards[0].graph, record.tags)
         kept = [g for index, g in enumerate(plan.state.groups) if status.get(index) != "saved"]
         if not kept:
-            return plan
+            return plan, uncompressed
         log.info("prac_fx: graph %d: %d group(s) left exact, their input kept for backward "
                  "anyway: %s", record.index, len(kept), ", ".join(g.key for g in kept))
-        return self._plan(gm, record, frozenset(name for g in kept for name in g.sites))
+        return self._plan(gm, record, frozenset(name for g in kept for name in g.sites)), uncompressed
 
     def _bind(self, gm: torch.fx.GraphModule, plan: _Plan, compiled: Callable,
               record: GraphRecord) -> PracRunner:
@@ -293,12 +298,15 @@ class PracBackend:
                 group.key = key
         return owner_args
 
-    def _budget(self, gm, example_inputs, work, work_inputs) -> budget_mod.BudgetRecord | None:
-        """The partitioner budget that keeps ``memory_budget`` of what ``gm`` (unrewritten) keeps."""
+    def _budget(self, gm, example_inputs, work, work_inputs,
+                uncompressed: int | None = None) -> budget_mod.BudgetRecord | None:
+        """The partitioner budget that keeps ``memory_budget`` of what ``gm`` (unrewritten) keeps;
+        ``uncompressed``: that figure when already measured."""
         asked = self.config.memory_budget
         if asked is None:
             return None
-        uncompressed = budget_mod.saved_bytes(gm, example_inputs)
+        if uncompressed is None:
+            uncompressed = budget_mod.saved_bytes(gm, example_inputs)
         rewritten = budget_mod.saved_bytes(work, work_inputs)
         return budget_mod.BudgetRecord(asked, uncompressed, rewritten,
                                        budget_mod.partitioner_budget(asked, uncompressed, rewritten))
