@@ -31,6 +31,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     partitioner budget (0.5 by default), as ``budget`` does for Inductor
 ``prac-R+mb=B``     PRAC with ``memory_budget=B``: B is a fraction of what the *uncompressed*
                     graph keeps; the backend sets the partitioner's budget per graph
+``prac-R+skip=W``   ablation: PRAC leaving exact every site whose module path contains W
+                    (``skip=attn``: only the MLPs compressed; ``skip=mlp``: only attention)
 ``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
                     the loss keep their logits as Inductor does
 ``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
@@ -131,6 +133,14 @@ def prac(rank: float | int, label: str | None = None, *, with_budget: float | No
     return Variant(label or f"prac r={rank}", make)
 
 
+def _exclude(words: tuple[str, ...]) -> Callable[[str], bool]:
+    def keep(module_path: str) -> bool:
+        return not any(w in module_path for w in words)
+
+    keep.__qualname__ = f"skip{words!r}"
+    return keep
+
+
 def _fraction(text: str) -> bool:
     try:
         return 0.0 < float(text) <= 1.0
@@ -158,10 +168,12 @@ def by_name(spec: str) -> Variant:
     follow = {e for e in extras if e.startswith("S=") and e[2:].isdigit()}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
     mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
-    unknown = set(extras) - {"allsites", "nohead", "cyc", "ek"} - timing - follow - set(budgets) - set(mbs)
+    skips = {e for e in extras if e.startswith("skip=") and e[5:].replace("_", "").isalnum()}
+    unknown = (set(extras) - {"allsites", "nohead", "cyc", "ek"} - timing - follow - set(budgets)
+               - set(mbs) - skips)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+skip=W][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -174,6 +186,8 @@ def by_name(spec: str) -> Variant:
             options["complement"] = "cycle"
         if "ek" in extras:
             options["exact_if_kept"] = True
+        if skips:
+            options["site_filter"] = _exclude(tuple(sorted(e[5:] for e in skips)))
         if mbs:
             options["memory_budget"] = float(mbs[0][3:])
         for e in timing:
