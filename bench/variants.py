@@ -18,6 +18,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 ``prac-R+T1=a+T2=b`` PRAC refitting the principal basis every a steps and redrawing the random
                     part every b steps (defaults: 500, and only at refreshes); with b > a the
                     draw is held and projected against each refitted Q1
+``prac-R+E=j``      PRAC with j early refits of the principal basis in the first window
+                    (``early_refits``: calls T1/2^j, ..., T1/2)
 ``prac-R+S=s``      PRAC whose principal basis follows each batch: s subspace iterations in
                     the graph per step (``subspace_iters``), the random draw held for T2
 ``prac-R+cyc``      PRAC whose random part cycles through one basis of the complement, a new
@@ -166,18 +168,19 @@ def by_name(spec: str) -> Variant:
     rank_name, *extras = rest.split("+")
     timing = {e for e in extras if e.startswith(("T1=", "T2=")) and e[3:].isdigit()}
     follow = {e for e in extras if e.startswith("S=") and e[2:].isdigit()}
+    early = {e for e in extras if e.startswith("E=") and e[2:].isdigit()}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
     mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
     skips = {e for e in extras if e.startswith("skip=") and e[5:].replace("_", "").isalnum()}
     unknown = (set(extras) - {"allsites", "nohead", "cyc", "ek"} - timing - follow - set(budgets)
-               - set(mbs) - skips)
+               - set(mbs) - skips - early)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+skip=W][+T1=a][+T2=b][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+skip=W][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
-        label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing | follow else f" +{e}"
+        label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing | follow | early else f" +{e}"
                                                  for e in extras)
         options = {"exact_heads": ()} if "allsites" in extras else {}
         if "nohead" in extras:
@@ -192,6 +195,8 @@ def by_name(spec: str) -> Variant:
             options["memory_budget"] = float(mbs[0][3:])
         for e in timing:
             options["refresh_every" if e.startswith("T1") else "resample_every"] = int(e[3:])
+        for e in early:
+            options["early_refits"] = int(e[2:])
         for e in follow:  # S=s: principal bases follow each batch with s subspace iterations
             options["subspace_iters"] = int(e[2:])
         if len(budgets) > 1:

@@ -206,7 +206,8 @@ class BasisStore:
     # -- when -----------------------------------------------------------------------------------
     def due_refresh(self, key: str) -> bool:
         g = self.groups[key]
-        return g.r1 > 0 and (not g.has_q1 or g.calls % self.config.refresh_every == 0)
+        return g.r1 > 0 and (not g.has_q1 or g.calls % self.config.refresh_every == 0
+                             or g.calls in self.config.early_refit_calls)
 
     def due_resample(self, key: str) -> bool:
         g = self.groups[key]

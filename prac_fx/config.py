@@ -16,7 +16,7 @@ HEADS = ("lm_head", "output", "head", "score", "classifier")
 ENV_PREFIX = "PRAC_FX_"
 # PracConfig fields settable from the environment (site_filter, a callable, is not; its
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
-_ENV_FIELDS = ("rank", "split", "refresh_every", "resample_every", "seed", "complement_scale",
+_ENV_FIELDS = ("rank", "split", "refresh_every", "early_refits", "resample_every", "seed", "complement_scale",
                "exact_heads", "subspace_iters", "complement", "exact_if_kept")
 COMPLEMENTS = ("held", "cycle")  # how the random part moves between redraws
 
@@ -57,6 +57,12 @@ class PracConfig:
             ``int`` is r1 itself and then needs an integer ``rank`` it does not exceed.
         refresh_every: T1, training calls between refits of the principal basis Q1 to the
             current activation (paper: 500 for pre-training, 200 for fine-tuning).
+        early_refits: extra refits of Q1 in the first window, at calls ``refresh_every / 2**j``
+            for j = ``early_refits``, ..., 1 (500 and 4: calls 31, 62, 125 and 250). The first fit
+            sees the activations of the initial weights, which the first steps change most; a
+            principal basis kept from it makes the first window's estimate about as noisy as
+            the random part alone. 0: refits only every ``refresh_every`` calls. A refit
+            redraws the random part too, unless ``resample_every`` holds the draw longer.
         resample_every: T2, training calls between fresh draws of the random complement Q2.
             None (the default): only at each refresh, i.e. every ``refresh_every`` calls. A
             random part held for a whole refresh window trained better under Adam than one
@@ -128,6 +134,7 @@ class PracConfig:
     rank: int | float = 0.25
     split: int | float = 0.5
     refresh_every: int = 500
+    early_refits: int = 0
     resample_every: int | None = None
     seed: int = 0
     site_filter: Callable[[str], bool] | None = None
@@ -173,6 +180,10 @@ class PracConfig:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 none = " or None" if name == "resample_every" else ""
                 raise ValueError(f"{name} must be an int >= 1 (training calls){none}, got {value!r}")
+        early = self.early_refits
+        if not isinstance(early, numbers.Integral) or isinstance(early, bool) or not 0 <= early <= 16:
+            raise ValueError(f"early_refits must be an int in [0, 16] (refits in the first window), "
+                             f"got {early!r}")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.site_filter is not None and not callable(self.site_filter):
@@ -216,7 +227,7 @@ class PracConfig:
         only a backend name (``backend="prac"``, a trainer's ``torch_compile_backend``).
 
         ``PRAC_FX_RANK``, ``PRAC_FX_SPLIT`` (an int or a float, as in Python),
-        ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
+        ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_EARLY_REFITS``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
         ``PRAC_FX_SUBSPACE_ITERS``, ``PRAC_FX_COMPLEMENT`` (``held`` or ``cycle``),
         ``PRAC_FX_EXACT_IF_KEPT`` (``1``/``true`` or ``0``/``false``), ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
@@ -269,6 +280,12 @@ class PracConfig:
             r = min(n, max(1, round(self.rank * n)))
         r1 = int(self.split) if isinstance(self.split, numbers.Integral) else round(self.split * r)
         return r1, r - r1
+
+    @property
+    def early_refit_calls(self) -> frozenset[int]:
+        """The training calls of the first window at which Q1 is refitted early."""
+        return frozenset(c for j in range(1, self.early_refits + 1)
+                         if 0 < (c := self.refresh_every // 2 ** j) < self.refresh_every)
 
     @property
     def resample_period(self) -> int:

@@ -434,3 +434,22 @@ def test_cycled_complement_averages_to_the_exact_gradient(mlp_case, compiler):
         assert rel_err((total[k] / calls).float(), ref_g[f"{k}.weight"]) < 1e-4, k
     assert {g.block for g in be.store.groups.values()} == {calls - 1}
     assert len(be.graphs) == 1  # a new block is a new input, not a recompile
+
+
+def test_early_refits_refit_in_the_first_window_only():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    be = prac_fx.backend(rank=8, refresh_every=16, early_refits=2, compiler="eager")
+    assert be.config.early_refit_calls == {4, 8}
+    compiled = torch.compile(MLP(), backend=be)
+    x = torch.randn(4, 8, 32)
+    refits = []
+    for call in range(34):
+        before = be.store.groups["up"].refreshes if "up" in be.store.groups else 0
+        compiled(x).sum().backward()
+        if be.store.groups["up"].refreshes > before:
+            refits.append(call)
+    # the first fit, the early ones, then every refresh_every calls
+    assert refits == [0, 4, 8, 16, 32]
+    assert be.store.groups["up"].resamples == 5  # each refit redraws the random part
+    assert len(be.graphs) == 1

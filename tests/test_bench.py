@@ -266,7 +266,10 @@ def test_budget_value_in_a_variant_name():
     assert variants.by_name("budget=0.3").name == "inductor budget=0.3"
     assert variants.by_name("prac-n/4+mb=0.5").name == "prac r=n/4 +mb=0.5"
     assert variants.by_name("prac-n/4+nohead").name == "prac r=n/4 +nohead"
-    for bad in ("prac-n/4+budget=2", "prac-n/4+budget=x", "prac-n/4+budget+budget=0.7"):
+    assert variants.by_name("prac-n/4+E=4").name == "prac r=n/4 E=4"
+    assert variants.by_name("prac-n/4+skip=attn").name == "prac r=n/4 +skip=attn"
+    for bad in ("prac-n/4+budget=2", "prac-n/4+budget=x", "prac-n/4+budget+budget=0.7",
+                "prac-n/4+E=x", "prac-n/4+skip=a.b"):
         with pytest.raises(ValueError):
             variants.by_name(bad)
 

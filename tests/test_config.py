@@ -28,6 +28,8 @@ def test_bad_rank(rank, message):
     (dict(resample_every=2.5), "resample_every must be an int >= 1 (training calls) or None"),
     (dict(resample_every=0), "resample_every must be an int >= 1"),
     (dict(seed="x"), "seed must be an int"),
+    (dict(early_refits=-1), "early_refits must be an int in [0, 16]"),
+    (dict(early_refits=True), "early_refits must be an int"),
     (dict(site_filter=3), "site_filter must be callable"),
     (dict(complement_scale=-1.0), "complement_scale must be a positive number"),
     (dict(exact_heads="lm_head"), "exact_heads must be a tuple of module names"),
@@ -102,3 +104,10 @@ def test_exact_if_kept_flag():
         assert PracConfig.from_env({"PRAC_FX_EXACT_IF_KEPT": text}).exact_if_kept is flag
     with pytest.raises(ValueError, match="PRAC_FX_EXACT_IF_KEPT must be 1, true, 0 or false"):
         PracConfig.from_env({"PRAC_FX_EXACT_IF_KEPT": "yes"})
+
+
+def test_early_refit_calls():
+    assert PracConfig().early_refit_calls == frozenset()
+    assert PracConfig(early_refits=4).early_refit_calls == {31, 62, 125, 250}
+    assert PracConfig(refresh_every=4, early_refits=5).early_refit_calls == {1, 2}  # no call 0
+    assert PracConfig.from_env({"PRAC_FX_EARLY_REFITS": "3"}).early_refits == 3
