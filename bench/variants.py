@@ -33,6 +33,9 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     partitioner budget (0.5 by default), as ``budget`` does for Inductor
 ``prac-R+mb=B``     PRAC with ``memory_budget=B``: B is a fraction of what the *uncompressed*
                     graph keeps; the backend sets the partitioner's budget per graph
+``prac-R+r.W=R2``  PRAC with per-site ranks: sites whose module path contains W take rank R2
+                    (a name above or a fraction), the others R (``rank={"*": R, W: R2}``);
+                    several may be given
 ``prac-R+skip=W``   ablation: PRAC leaving exact every site whose module path contains W
                     (``skip=attn``: only the MLPs compressed; ``skip=mlp``: only attention)
 ``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
@@ -172,11 +175,14 @@ def by_name(spec: str) -> Variant:
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
     mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
     skips = {e for e in extras if e.startswith("skip=") and e[5:].replace("_", "").isalnum()}
+    per_site = {e for e in extras if e.startswith("r.") and "=" in e
+                and e[2:].partition("=")[0].replace("_", "").replace(".", "").isalnum()
+                and (e.partition("=")[2] in RANKS or _fraction(e.partition("=")[2]))}
     unknown = (set(extras) - {"allsites", "nohead", "cyc", "ek"} - timing - follow - set(budgets)
-               - set(mbs) - skips - early)
+               - set(mbs) - skips - early - per_site)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+skip=W][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+skip=W][+r.W=R][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -189,6 +195,12 @@ def by_name(spec: str) -> Variant:
             options["complement"] = "cycle"
         if "ek" in extras:
             options["exact_if_kept"] = True
+        if per_site:
+            ranks = {"*": rank}
+            for e in sorted(per_site):
+                word, _, value = e[2:].partition("=")
+                ranks[word] = RANKS.get(value) or float(value)
+            rank = ranks
         if skips:
             options["site_filter"] = _exclude(tuple(sorted(e[5:] for e in skips)))
         if mbs:

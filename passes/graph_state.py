@@ -21,8 +21,9 @@ from prac_fx.passes import kinds
 class SitePolicy(Protocol):
     """What the passes need from a configuration (``prac_fx.PracConfig`` implements it)."""
 
-    def ranks(self, n: int) -> tuple[int, int] | None:
-        """(r1, r2) for an input of width n, or None when n is too narrow for the rank."""
+    def ranks(self, n: int, module_path: str = "") -> tuple[int, int] | None:
+        """(r1, r2) for an input of width n at ``module_path``, or None when n is too narrow
+        for the rank."""
 
     def include(self, module_path: str) -> bool:
         """Whether the site of the module at ``module_path`` may be rewritten."""

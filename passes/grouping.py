@@ -35,7 +35,10 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         occurrence = seen.get(base, 0)
         seen[base] = occurrence + 1
         key = base if occurrence == 0 else f"{base}#{occurrence}"
-        first = sites[0]
+        # sites sharing an input share one basis; per-site ranks that differ: the largest
+        first = max(sites, key=lambda s: (s.r1 + s.r2, s.r1))
+        for s in sites:
+            s.r1, s.r2 = first.r1, first.r2
         group = Group(key=key, input_node=input_node, n=first.n, r1=first.r1, r2=first.r2,
                       sites=[s.node for s in sites])
         for s in sites:

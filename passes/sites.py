@@ -201,7 +201,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         if node.name in getattr(policy, "kept_anyway", ()):
             site.reason = kinds.KEPT_ANYWAY
             continue
-        ranks = policy.ranks(site.n)
+        ranks = policy.ranks(site.n, site.module)
         if ranks is None:
             site.reason = kinds.TOO_NARROW
             continue

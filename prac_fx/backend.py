@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -372,11 +372,12 @@ class PracBackend:
         self.store.load_state_dict(state["store"])
 
 
-def backend(*, rank: int | float = 0.25, compiler: str = "inductor", **options) -> PracBackend:
+def backend(*, rank: int | float | Mapping[str, int | float] = 0.25, compiler: str = "inductor",
+            **options) -> PracBackend:
     """A PRAC torch.compile backend: ``torch.compile(model, backend=prac_fx.backend(rank=0.25))``.
 
-    Keyword arguments are the fields of ``PracConfig`` (``rank``, ``split``, ``refresh_every``,
-    ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``, ``exact_heads``,
+    Keyword arguments are the fields of ``PracConfig`` (``rank``, a number or per-site mapping,
+    ``split``, ``refresh_every``, ``early_refits``, ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``, ``exact_heads``,
     ``subspace_iters``, ``head_loss``, ``head_loss_chunk_rows``, ``memory_budget``);
     ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
     debugging).

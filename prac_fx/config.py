@@ -34,6 +34,42 @@ def parse_number(text: str, what: str) -> int | float:
         raise ValueError(f"invalid {what} {text!r}: give an int or a float") from None
 
 
+def _check_rank(rank, split) -> None:
+    if not _is_number(rank):
+        raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, numbers.Integral):
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+    elif not 0.0 < rank <= 1.0:
+        raise ValueError(
+            f"rank as a float is a fraction of the input width and must lie in (0, 1], "
+            f"got {rank!r}; pass an int for a column count"
+        )
+    if _is_number(split) and isinstance(split, numbers.Integral):
+        if not isinstance(rank, numbers.Integral):
+            raise ValueError(
+                f"an integer split (r1 = {split}) needs an integer rank, got rank={rank!r}; "
+                "use a float split in [0, 1] with a fractional rank"
+            )
+        if split > rank:
+            raise ValueError(f"split (r1 = {split}) must not exceed rank ({rank})")
+
+
+def parse_rank(text: str, what: str = "rank") -> int | float | dict[str, int | float]:
+    """A rank as a user types it: ``0.25``, ``32``, or per site ``*=0.25,attn=0.125`` (module
+    path substrings, as ``PracConfig.rank`` takes them as a mapping)."""
+    if "=" not in text:
+        return parse_number(text, what)
+    ranks = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what}: per-site ranks are written KEY=RANK, comma-separated "
+                             f"(KEY a module path substring or *), got {part!r}")
+        ranks[key.strip()] = parse_number(value.strip(), what)
+    return ranks
+
+
 def _exclude_filter(parts: tuple[str, ...]) -> Callable[[str], bool]:
     def keep(path: str) -> bool:
         return not any(part in path for part in parts)
@@ -51,6 +87,11 @@ class PracConfig:
             ``float`` in (0, 1] is a fraction of the input width n (rounded, at least 1).
             ``1.0`` keeps every direction (exact gradients, for testing). A site whose width
             is below an integer rank is left exact and reported as "too narrow for the rank".
+            A mapping gives ranks per site: ``{"*": 0.25, "attn": 0.125, "mlp.up_proj": 0.375}``.
+            Keys are substrings of the module path; the longest key the path contains wins,
+            and ``"*"`` is the rank of sites no other key names. Without ``"*"`` such sites
+            stay exact (reported as filtered). Sites that share one input (q, k and v) share
+            one basis, which takes the largest rank among them.
         split: how the rank divides into the principal part r1 and the random part r2. A
             ``float`` in [0, 1] is the principal fraction (``0.5``: r1 = r2, the paper's
             default; ``0.0``: random only; ``1.0``: principal only, which is biased); an
@@ -131,7 +172,7 @@ class PracConfig:
             (``kinds.KEPT_ANYWAY``). Costs one more trace of each training graph at compile time.
     """
 
-    rank: int | float = 0.25
+    rank: int | float | Mapping[str, int | float] = 0.25
     split: int | float = 0.5
     refresh_every: int = 500
     early_refits: int = 0
@@ -149,28 +190,22 @@ class PracConfig:
 
     def __post_init__(self):
         rank, split = self.rank, self.split
-        if not _is_number(rank):
-            raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
-        if isinstance(rank, numbers.Integral):
-            if rank < 1:
-                raise ValueError(f"rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
-        elif not 0.0 < rank <= 1.0:
-            raise ValueError(
-                f"rank as a float is a fraction of the input width and must lie in (0, 1], "
-                f"got {rank!r}; pass an int for a column count"
-            )
+        if isinstance(rank, Mapping):
+            if not rank or not all(isinstance(k, str) and k for k in rank):
+                raise ValueError(f"rank as a mapping needs at least one entry, each keyed by a "
+                                 f"non-empty substring of a module path (or '*'), got {rank!r}")
+            rank = dict(rank)
+            object.__setattr__(self, "rank", rank)
+            values = list(rank.values())
+        else:
+            values = [rank]
+        for value in values:
+            _check_rank(value, split)
         if not _is_number(split):
             raise ValueError(f"split must be an int >= 0 or a float in [0, 1], got {split!r}")
         if isinstance(split, numbers.Integral):
             if split < 0:
                 raise ValueError(f"split as an int is r1 and must be >= 0, got {split!r}")
-            if not isinstance(rank, numbers.Integral):
-                raise ValueError(
-                    f"an integer split (r1 = {split}) needs an integer rank, got rank={rank!r}; "
-                    "use a float split in [0, 1] with a fractional rank"
-                )
-            if split > rank:
-                raise ValueError(f"split (r1 = {split}) must not exceed rank ({rank})")
         elif not 0.0 <= split <= 1.0:
             raise ValueError(f"split as a float is the principal fraction, in [0, 1]; got {split!r}")
         for name in ("refresh_every", "resample_every"):
@@ -226,7 +261,8 @@ class PracConfig:
         """The configuration the ``PRAC_FX_*`` environment variables give, for tools that take
         only a backend name (``backend="prac"``, a trainer's ``torch_compile_backend``).
 
-        ``PRAC_FX_RANK``, ``PRAC_FX_SPLIT`` (an int or a float, as in Python),
+        ``PRAC_FX_RANK`` (an int or a float, as in Python, or per site ``*=0.25,attn=0.125``),
+        ``PRAC_FX_SPLIT`` (an int or a float),
         ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_EARLY_REFITS``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
         ``PRAC_FX_SUBSPACE_ITERS``, ``PRAC_FX_COMPLEMENT`` (``held`` or ``cycle``),
@@ -260,6 +296,8 @@ class PracConfig:
                 kwargs[field] = flag
             elif field == "exact_heads":
                 kwargs[field] = tuple(p.strip() for p in text.split(",") if p.strip())
+            elif field == "rank":
+                kwargs[field] = parse_rank(text, key)
             elif field in ("resample_every", "complement_scale") and text.lower() == "none":
                 kwargs[field] = None
             else:
@@ -270,14 +308,28 @@ class PracConfig:
             raise ValueError(f"from the {ENV_PREFIX}* environment: {err}") from None
 
     # -- the SitePolicy the passes read ---------------------------------------------------------
-    def ranks(self, n: int) -> tuple[int, int] | None:
-        """(r1, r2) for an input of width ``n``; None when ``n`` is below an integer rank."""
-        if isinstance(self.rank, numbers.Integral):
-            if self.rank > n:
+    def rank_for(self, module_path: str) -> int | float | None:
+        """The rank of the site at ``module_path``: ``rank`` itself, or from a mapping the entry
+        of the longest key the path contains, else its ``"*"`` entry; None when neither."""
+        if not isinstance(self.rank, Mapping):
+            return self.rank
+        keys = [k for k in self.rank if k != "*" and k in module_path]
+        if keys:
+            return self.rank[max(keys, key=len)]
+        return self.rank.get("*")
+
+    def ranks(self, n: int, module_path: str = "") -> tuple[int, int] | None:
+        """(r1, r2) for an input of width ``n`` at ``module_path``; None when ``n`` is below an
+        integer rank or the rank mapping names no rank for the path."""
+        rank = self.rank_for(module_path)
+        if rank is None:
+            return None
+        if isinstance(rank, numbers.Integral):
+            if rank > n:
                 return None
-            r = int(self.rank)
+            r = int(rank)
         else:
-            r = min(n, max(1, round(self.rank * n)))
+            r = min(n, max(1, round(rank * n)))
         r1 = int(self.split) if isinstance(self.split, numbers.Integral) else round(self.split * r)
         return r1, r - r1
 
@@ -293,6 +345,10 @@ class PracConfig:
         return self.refresh_every if self.resample_every is None else int(self.resample_every)
 
     def include(self, module_path: str) -> bool:
+        """Whether ``site_filter`` passes the path and the rank (or its mapping) names a rank
+        for it."""
+        if self.rank_for(module_path) is None:
+            return False
         return True if self.site_filter is None else bool(self.site_filter(module_path))
 
     def is_head(self, module_path: str) -> bool:

@@ -453,3 +453,26 @@ def test_early_refits_refit_in_the_first_window_only():
     assert refits == [0, 4, 8, 16, 32]
     assert be.store.groups["up"].resamples == 5  # each refit redraws the random part
     assert len(be.graphs) == 1
+
+
+def test_per_site_ranks():
+    """A rank mapping: the longest key in the path wins, '*' takes the rest; q/k/v share one
+    basis at the largest of their ranks; a path no key names, without '*', stays exact."""
+    from toys import Attention
+    from prac_fx.passes import kinds
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 32)
+    be = prac_fx.backend(rank={"*": 8, "k": 4, "q": 12, "down": 0.5, "up": 1.0}, compiler="eager")
+    torch.compile(Attention(), backend=be)(x).sum().backward()
+    got = {k: (g.r1, g.r2) for k, g in be.store.groups.items()}
+    assert got == {"q+k+v": (6, 6), "out": (4, 4), "up": (16, 16), "down": (16, 16)}
+
+    torch._dynamo.reset()
+    be = prac_fx.backend(rank={"q": 8}, compiler="eager")
+    torch.compile(Attention(), backend=be)(x).sum().backward()
+    assert set(be.store.groups) == {"q"}
+    status = {row["module"]: row["status"] for row in be.report().rows() if row["kind"] == "linear"}
+    assert status["k"] == status["up"] == f"skipped: {kinds.FILTERED}"
+    assert status["q"] == kinds.REWRITTEN

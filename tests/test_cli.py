@@ -115,6 +115,8 @@ BAD = [  # (arguments, the start of the one-line message on stderr); exit status
     (["gpt2", "--rank", "0"], E + "rank must be an int >= 1 or a float in (0, 1], got 0"),
     (["gpt2", "--rank", "1.5"], E + "rank as a float is a fraction of the input width and must lie"),
     (["gpt2", "--rank", "abc"], E + "invalid rank 'abc': give an int or a float"),
+    (["gpt2", "--rank", "*=0.25,attn"], E + "rank: per-site ranks are written KEY=RANK"),
+    (["gpt2", "--rank", "*=0.25,attn=2.5"], E + "rank as a float is a fraction of the input"),
     (["tiny.py:build", "--layers", "2"], E + "--layers applies to the presets (gpt2, llama) only"),
 ]
 

@@ -28,6 +28,10 @@ def test_bad_rank(rank, message):
     (dict(resample_every=2.5), "resample_every must be an int >= 1 (training calls) or None"),
     (dict(resample_every=0), "resample_every must be an int >= 1"),
     (dict(seed="x"), "seed must be an int"),
+    (dict(rank={}), "needs at least one entry"),
+    (dict(rank={"": 0.25}), "non-empty substring"),
+    (dict(rank={"*": 0.25, "attn": 1.5}), "must lie in (0, 1]"),
+    (dict(rank={"*": 16, "attn": 0.5}, split=4), "needs an integer rank"),
     (dict(early_refits=-1), "early_refits must be an int in [0, 16]"),
     (dict(early_refits=True), "early_refits must be an int"),
     (dict(site_filter=3), "site_filter must be callable"),
@@ -111,3 +115,27 @@ def test_early_refit_calls():
     assert PracConfig(early_refits=4).early_refit_calls == {31, 62, 125, 250}
     assert PracConfig(refresh_every=4, early_refits=5).early_refit_calls == {1, 2}  # no call 0
     assert PracConfig.from_env({"PRAC_FX_EARLY_REFITS": "3"}).early_refits == 3
+
+
+def test_rank_mapping():
+    config = PracConfig(rank={"*": 0.25, "attn": 0.125, "attn.c_proj": 32, "mlp.c_fc": 0.375})
+    assert config.rank_for("h.0.attn.c_attn") == 0.125
+    assert config.rank_for("h.0.attn.c_proj") == 32  # the longest key wins
+    assert config.rank_for("h.0.mlp.c_proj") == 0.25
+    assert config.ranks(256, "h.0.mlp.c_fc") == (48, 48)
+    assert config.ranks(16, "h.0.attn.c_proj") is None  # too narrow for 32 columns
+    only = PracConfig(rank={"attn": 0.25})
+    assert only.include("h.0.attn.c_attn") and not only.include("h.0.mlp.c_fc")
+    assert PracConfig(rank=0.25).rank_for("anything") == 0.25
+
+
+def test_parse_rank_and_environment():
+    from prac_fx.config import parse_rank
+
+    assert parse_rank("0.25") == 0.25 and parse_rank("32") == 32
+    assert parse_rank("*=0.25, attn=16") == {"*": 0.25, "attn": 16}
+    for bad in ("*=0.25,attn", "=0.25", "*=x"):
+        with pytest.raises(ValueError):
+            parse_rank(bad)
+    env = PracConfig.from_env({"PRAC_FX_RANK": "*=0.25,mlp=0.375"})
+    assert env.rank == {"*": 0.25, "mlp": 0.375}

@@ -32,7 +32,7 @@ It is called with batch= and seq= when those options are given and it accepts th
 torch.manual_seed(0).
 
 --rank is an int >= 1 (columns of the basis) or a float in (0, 1] (a fraction of each input
-width). Exit status: 0 ok (also "no linear site"), 2 bad input, 1 compile failure.
+width), or per site KEY=RANK,... (KEY a module path substring, * every other site). Exit status: 0 ok (also "no linear site"), 2 bad input, 1 compile failure.
 """
 
 
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("model", metavar="MODEL",
                    help="a preset (gpt2, llama), FILE.py:FACTORY or MODULE:FACTORY")
     d.add_argument("--rank", default="0.25", help="basis columns per input group: int >= 1 or "
-                   "float in (0, 1] (default 0.25)")
+                   "float in (0, 1], or per site '*=0.25,attn=0.125' (default 0.25)")
     d.add_argument("--split", default="0.5", help="principal share of the rank: float in [0, 1] "
                    "or int r1 (default 0.5)")
     d.add_argument("--exclude", action="append", default=[], metavar="TEXT",
@@ -104,11 +104,11 @@ def use_color(choice: str, stream, to_file: bool) -> bool:
 
 def _diff(args) -> int:
     from prac_fx import diff
-    from prac_fx.config import PracConfig, parse_number
+    from prac_fx.config import PracConfig, parse_number, parse_rank
     from prac_fx.diff import render, workload
 
     try:
-        rank = parse_number(args.rank, "rank")
+        rank = parse_rank(args.rank, "rank")
         split = parse_number(args.split, "split")
         exclude = list(args.exclude)
         keep = (lambda path: not any(t in path for t in exclude)) if exclude else None
