@@ -35,8 +35,9 @@ class SitePolicy(Protocol):
     complement_scale: float | None  # k on the random part; None: (n - r1) / r2
     # Optional (read with getattr; defaults True, None and ()): ``head_loss``, whether the head
     # and cross-entropy loss become one chunked op; ``head_loss_chunk_rows``, its rows per chunk;
-    # ``kept_anyway``, names of site nodes left exact because the partitioned graph keeps their
-    # input for backward anyway (``kinds.KEPT_ANYWAY``).
+    # ``rank_for(module_path)``, None where a per-site rank mapping names no rank (the site is
+    # left exact as filtered); ``kept_anyway``, names of site nodes left exact because the
+    # partitioned graph keeps their input for backward anyway (``kinds.KEPT_ANYWAY``).
 
 
 @dataclasses.dataclass

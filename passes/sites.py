@@ -201,6 +201,10 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         if node.name in getattr(policy, "kept_anyway", ()):
             site.reason = kinds.KEPT_ANYWAY
             continue
+        rank_for = getattr(policy, "rank_for", None)  # optional: a rank per module path
+        if rank_for is not None and rank_for(site.module) is None:
+            site.reason = kinds.FILTERED  # a rank mapping that names no rank for this module
+            continue
         ranks = policy.ranks(site.n, site.module)
         if ranks is None:
             site.reason = kinds.TOO_NARROW

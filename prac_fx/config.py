@@ -345,10 +345,6 @@ class PracConfig:
         return self.refresh_every if self.resample_every is None else int(self.resample_every)
 
     def include(self, module_path: str) -> bool:
-        """Whether ``site_filter`` passes the path and the rank (or its mapping) names a rank
-        for it."""
-        if self.rank_for(module_path) is None:
-            return False
         return True if self.site_filter is None else bool(self.site_filter(module_path))
 
     def is_head(self, module_path: str) -> bool:

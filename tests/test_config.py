@@ -125,7 +125,7 @@ def test_rank_mapping():
     assert config.ranks(256, "h.0.mlp.c_fc") == (48, 48)
     assert config.ranks(16, "h.0.attn.c_proj") is None  # too narrow for 32 columns
     only = PracConfig(rank={"attn": 0.25})
-    assert only.include("h.0.attn.c_attn") and not only.include("h.0.mlp.c_fc")
+    assert only.rank_for("h.0.attn.c_attn") == 0.25 and only.rank_for("h.0.mlp.c_fc") is None
     assert PracConfig(rank=0.25).rank_for("anything") == 0.25
 
 
