@@ -269,8 +269,9 @@ def test_budget_value_in_a_variant_name():
     assert variants.by_name("prac-n/4+E=4").name == "prac r=n/4 E=4"
     assert variants.by_name("prac-n/4+skip=attn").name == "prac r=n/4 +skip=attn"
     assert variants.by_name("prac-n/4+r.attn=n/8").name == "prac r=n/4 +r.attn=n/8"
+    assert variants.by_name("prac-n/4+ps=1").name == "prac r=n/4 +ps=1"
     for bad in ("prac-n/4+budget=2", "prac-n/4+budget=x", "prac-n/4+budget+budget=0.7",
-                "prac-n/4+E=x", "prac-n/4+skip=a.b", "prac-n/4+r.attn=2", "prac-n/4+r.=0.5"):
+                "prac-n/4+E=x", "prac-n/4+skip=a.b", "prac-n/4+r.attn=2", "prac-n/4+r.=0.5", "prac-n/4+ps=-1"):
         with pytest.raises(ValueError):
             variants.by_name(bad)
 
