@@ -73,6 +73,13 @@ def _evaluate(fn, batches: list[torch.Tensor]) -> float:
         return statistics.fmean(float(fn(ids, labels=ids).loss) for ids in batches)
 
 
+def weight_rms(model: torch.nn.Module) -> dict[str, float]:
+    """Root-mean-square of each matrix weight (embeddings and linear layers), by parameter name:
+    how far and how evenly the blocks' weights move and grow under a variant."""
+    return {name: float(p.detach().float().pow(2).mean().sqrt())
+            for name, p in model.named_parameters() if p.dim() == 2}
+
+
 def load(cfg, cache: pathlib.Path = data.CACHE) -> dict | None:
     """The cached record of a finished run of ``cfg`` (any config with ``path(cache)``), or None."""
     return training.load(cfg, cache)
@@ -117,6 +124,7 @@ def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = T
                 from prac_fx.variance import running
 
                 record.setdefault("variance", []).append({"step": done, **running(backend)})
+            record.setdefault("weights", []).append({"step": done, **weight_rms(model)})
             if bar is not None:
                 bar.set_postfix(val_loss=f"{v:.3f}", ppl=f"{math.exp(v):.1f}")
             save()

@@ -215,6 +215,9 @@ def test_convergence_run_end_to_end_and_cached(tmp_path):
     assert result["done"] and [e["step"] for e in result["eval"]] == [0, 2, 3]
     assert len(result["train_loss"]) == 3 and all(math.isfinite(x) for x in result["train_loss"])
     assert result["eval"][0]["val_loss"] == pytest.approx(math.log(2048), abs=0.1)  # ~uniform at init
+    weights = result["weights"]  # each matrix weight's RMS at each evaluation after the first
+    assert [w["step"] for w in weights] == [2, 3] and len(weights[0]) > 3
+    assert all(0 < v < 1 for w in weights for k, v in w.items() if k != "step")
     assert convergence.load(cfg, cache=tmp_path) == result
     again = convergence.train(cfg, cache=tmp_path)  # from the cache: nothing trained
     assert again == result
