@@ -377,8 +377,9 @@ def backend(*, rank: int | float | Mapping[str, int | float] = 0.25, compiler: s
     """A PRAC torch.compile backend: ``torch.compile(model, backend=prac_fx.backend(rank=0.25))``.
 
     Keyword arguments are the fields of ``PracConfig`` (``rank``, a number or per-site mapping,
-    ``split``, ``refresh_every``, ``early_refits``, ``resample_every``, ``seed``, ``site_filter``, ``complement_scale``, ``exact_heads``,
-    ``subspace_iters``, ``head_loss``, ``head_loss_chunk_rows``, ``memory_budget``);
+    ``split``, ``refresh_every``, ``early_refits``, ``resample_every``, ``seed``,
+    ``site_filter``, ``complement_scale``, ``exact_heads``, ``subspace_iters``, ``head_loss``,
+    ``head_loss_chunk_rows``, ``memory_budget``, ``complement``, ``exact_if_kept``);
     ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
     debugging).
     """

@@ -16,8 +16,8 @@ HEADS = ("lm_head", "output", "head", "score", "classifier")
 ENV_PREFIX = "PRAC_FX_"
 # PracConfig fields settable from the environment (site_filter, a callable, is not; its
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
-_ENV_FIELDS = ("rank", "split", "refresh_every", "early_refits", "resample_every", "seed", "complement_scale",
-               "exact_heads", "subspace_iters", "complement", "exact_if_kept")
+_ENV_FIELDS = ("rank", "split", "refresh_every", "early_refits", "resample_every", "seed",
+               "complement_scale", "exact_heads", "subspace_iters", "complement", "exact_if_kept")
 COMPLEMENTS = ("held", "cycle")  # how the random part moves between redraws
 
 
@@ -263,7 +263,8 @@ class PracConfig:
 
         ``PRAC_FX_RANK`` (an int or a float, as in Python, or per site ``*=0.25,attn=0.125``),
         ``PRAC_FX_SPLIT`` (an int or a float),
-        ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_EARLY_REFITS``, ``PRAC_FX_RESAMPLE_EVERY`` (an int or ``none``),
+        ``PRAC_FX_REFRESH_EVERY``, ``PRAC_FX_EARLY_REFITS``, ``PRAC_FX_RESAMPLE_EVERY`` (an int
+        or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
         ``PRAC_FX_SUBSPACE_ITERS``, ``PRAC_FX_COMPLEMENT`` (``held`` or ``cycle``),
         ``PRAC_FX_EXACT_IF_KEPT`` (``1``/``true`` or ``0``/``false``), ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
