@@ -58,6 +58,7 @@ from typing import Callable
 import torch
 
 import prac_fx
+from prac_fx.config import exclude_filter
 from prac_fx.passes import torch_seam
 from bench.harness import Variant
 
@@ -141,14 +142,6 @@ def prac(rank: float | int, label: str | None = None, *, with_budget: float | No
     return Variant(label or f"prac r={rank}", make)
 
 
-def _exclude(words: tuple[str, ...]) -> Callable[[str], bool]:
-    def keep(module_path: str) -> bool:
-        return not any(w in module_path for w in words)
-
-    keep.__qualname__ = f"skip{words!r}"
-    return keep
-
-
 def _fraction(text: str) -> bool:
     try:
         return 0.0 < float(text) <= 1.0
@@ -206,7 +199,7 @@ def by_name(spec: str) -> Variant:
                 ranks[word] = RANKS.get(value) or float(value)
             rank = ranks
         if skips:
-            options["site_filter"] = _exclude(tuple(sorted(e[5:] for e in skips)))
+            options["site_filter"] = exclude_filter(tuple(sorted(e[5:] for e in skips)))
         if mbs:
             options["memory_budget"] = float(mbs[0][3:])
         for e in timing:

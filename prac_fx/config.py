@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import os
 from typing import Callable, Mapping
@@ -70,7 +71,7 @@ def parse_rank(text: str, what: str = "rank") -> int | float | dict[str, int | f
     return ranks
 
 
-def _exclude_filter(parts: tuple[str, ...]) -> Callable[[str], bool]:
+def exclude_filter(parts: tuple[str, ...]) -> Callable[[str], bool]:
     def keep(path: str) -> bool:
         return not any(part in path for part in parts)
 
@@ -282,7 +283,7 @@ class PracConfig:
             if key == ENV_PREFIX + "EXCLUDE":
                 parts = tuple(p.strip() for p in text.split(",") if p.strip())
                 if parts:
-                    kwargs["site_filter"] = _exclude_filter(parts)
+                    kwargs["site_filter"] = exclude_filter(parts)
                 continue
             field = names.get(key)
             if field is None:
@@ -334,7 +335,7 @@ class PracConfig:
         r1 = int(self.split) if isinstance(self.split, numbers.Integral) else round(self.split * r)
         return r1, r - r1
 
-    @property
+    @functools.cached_property  # read per group at every training call
     def early_refit_calls(self) -> frozenset[int]:
         """The training calls of the first window at which Q1 is refitted early."""
         return frozenset(c for j in range(1, self.early_refits + 1)

@@ -32,7 +32,8 @@ It is called with batch= and seq= when those options are given and it accepts th
 torch.manual_seed(0).
 
 --rank is an int >= 1 (columns of the basis) or a float in (0, 1] (a fraction of each input
-width), or per site KEY=RANK,... (KEY a module path substring, * every other site). Exit status: 0 ok (also "no linear site"), 2 bad input, 1 compile failure.
+width), or per site KEY=RANK,... (KEY a module path substring, * every other site).
+Exit status: 0 ok (also "no linear site"), 2 bad input, 1 compile failure.
 """
 
 
@@ -104,14 +105,14 @@ def use_color(choice: str, stream, to_file: bool) -> bool:
 
 def _diff(args) -> int:
     from prac_fx import diff
-    from prac_fx.config import PracConfig, parse_number, parse_rank
+    from prac_fx.config import PracConfig, exclude_filter, parse_number, parse_rank
     from prac_fx.diff import render, workload
 
     try:
         rank = parse_rank(args.rank, "rank")
         split = parse_number(args.split, "split")
         exclude = list(args.exclude)
-        keep = (lambda path: not any(t in path for t in exclude)) if exclude else None
+        keep = exclude_filter(tuple(exclude)) if exclude else None
         heads = {"exact_heads": ()} if args.compress_heads else {}
         config = PracConfig(rank=rank, split=split, site_filter=keep,
                             exact_if_kept=args.exact_if_kept, **heads)
