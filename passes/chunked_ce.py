@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prac_fx.passes import torch_seam
+
 REDUCTIONS = ("mean", "sum")
 MAX_CHUNK_ELEMENTS = 1 << 22  # rows x vocab per chunk: 16 MiB of float32 logits
 MIN_CHUNK_ROWS = 128  # below this a chunk's matmul re-reads the head weight for too few rows
@@ -159,3 +161,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+# The target of the graph node the head-and-loss pass inserts (``torch_seam.graph_function``).
+linear_cross_entropy = torch_seam.graph_function(LinearCrossEntropy, __name__, "linear_cross_entropy")

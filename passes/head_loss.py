@@ -47,7 +47,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from prac_fx.passes.chunked_ce import LinearCrossEntropy, chunk_rows_for
+from prac_fx.passes.chunked_ce import chunk_rows_for, linear_cross_entropy
 from prac_fx.passes import kinds
 from prac_fx.passes.graph_state import GraphState, PassResult, SitePolicy
 from prac_fx.passes.paths import module_path, parameter_path
@@ -266,7 +266,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
                 x_rows = graph.call_function(operator.getitem, (x_rows, s.args[1]))
                 _fake(x_rows, operator.getitem, x_rows.args[0], s.args[1])
             fused = graph.call_function(
-                LinearCrossEntropy.apply,
+                linear_cross_entropy,
                 (x_rows, weight, bias, labels, head.ignore_index, head.reduction, chunk, upcast,
                  returns))
         fused.meta["stack_trace"] = ce.meta.get("stack_trace")

@@ -47,7 +47,7 @@ REASONS = (REASON_ATTENTION, REASON_NONLINEAR, NO_TRAINABLE_WEIGHT, OUTPUT_HEAD,
 TAG = "prac"
 ROLE_BASIS = "basis"  # the placeholder of a group's basis P, (n, r1 + r2) float32
 ROLE_COMPRESS = "compress"  # x_compressed = x2d @ P, (N, r)
-ROLE_SITE = "site"  # CompressedLinear.apply in place of the original op
+ROLE_SITE = "site"  # ops.compressed_linear in place of the original op
 ROLE_OMEGA = "omega"  # the placeholder of a following group's random draw, (n, r2) float32
 ROLE_FOLLOW = "follow"  # follow_basis: a following group's basis built in the graph
 ROLE_STATS = "stats"  # the placeholder whose gradient receives the running statistics

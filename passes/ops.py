@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prac_fx.passes import kinds
+from prac_fx.passes import kinds, torch_seam
 
 KINDS = kinds.LINEAR_KINDS
 
@@ -139,3 +139,7 @@ class CompressedLinear(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out_2d.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, grad_stats
+
+
+# The target of the graph nodes the rewrite inserts (``torch_seam.graph_function``).
+compressed_linear = torch_seam.graph_function(CompressedLinear, __name__, "compressed_linear")

@@ -19,7 +19,7 @@ Per group, before its first site:
   own (the runner keeps it as the next call's warm start and strips it); other groups use
   ``prac_basis_<i>`` as it is;
 - ``x_compressed = compress(x, basis)`` (shape ``(N, r)``).
-Each site becomes ``CompressedLinear.apply(x, weight, bias, x_compressed, basis, kind, r1,
+Each site becomes ``compressed_linear(x, weight, bias, x_compressed, basis, kind, r1,
 stats[i])``, which returns exactly what the site returned.
 
 Guarantees: forward values unchanged; every new node carries ``meta["example_value"]`` and the
@@ -36,7 +36,7 @@ import torch.fx
 
 from prac_fx.passes import kinds, torch_seam
 from prac_fx.passes.graph_state import GraphState, PassResult, SitePolicy
-from prac_fx.passes.ops import CompressedLinear, compress, follow_basis
+from prac_fx.passes.ops import compress, compressed_linear, follow_basis
 from prac_fx.passes.sites import match
 
 
@@ -141,7 +141,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             with graph.inserting_before(site_node):
                 row = graph.call_function(operator.getitem, (stats, stat_index))
                 new = graph.call_function(
-                    CompressedLinear.apply, (x, weight, bias, x_compressed, basis, kind, group.r1, row)
+                    compressed_linear, (x, weight, bias, x_compressed, basis, kind, group.r1, row)
                 )
             row.meta["stack_trace"] = site_node.meta.get("stack_trace")
             row.meta[kinds.TAG] = {"role": kinds.ROLE_STATS_ROW, "group": index}

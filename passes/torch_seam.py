@@ -1,7 +1,8 @@
 """The one place that touches torch's private APIs.
 
-Checked on torch 2.13.0 (``CHECKED_ON``; ``pyproject.toml`` pins it). When torch changes, this
-file changes and the suite says whether the rest still holds. Everything here is a thin, named
+Checked on torch 2.13.0, 2.14.1 and 2.15.0 (``CHECKED_ON``; ``pyproject.toml`` declares
+``torch>=2.13,<2.16`` and CI runs the suite on 2.13.0 and the graph tests on 2.14.1). When torch
+changes, this file changes and the suite says whether the rest still holds. Everything here is a thin, named
 wrapper, so that a reader sees which internal each caller depends on. Where a public API exists
 the project uses it directly instead (``torch.compiler.reset``, ``torch.compiler.list_backends``).
 
@@ -13,7 +14,7 @@ What the project relies on, by area:
   (``node.meta["nn_module_stack"]``, parsed in ``paths.py`` only); the source classes
   (``torch._dynamo.source``); the backend registry.
 - Fake tensors: the tracing context's fake mode (``torch._guards``), ``FakeTensor``.
-- FX: a graph's code generator (``graph._codegen``, copied with a graph); the grad-mode switch
+- FX: how a graph calls an ``autograd.Function`` (``graph_function``); a graph's code generator (``graph._codegen``, copied with a graph); the grad-mode switch
   Dynamo records as ``torch._C._set_grad_enabled``; the ``torch._C._nn`` functions Dynamo
   records for ``F.linear`` / ``F.gelu`` / ``F.silu``; the aten attention ops.
 - Compilers: Inductor (``compile_fx`` with an ``inner_compile``), AOTAutograd without Inductor
@@ -27,7 +28,8 @@ from typing import Callable
 import torch
 import torch.fx
 
-CHECKED_ON = "2.13.0"
+CHECKED_ON = ("2.13.0", "2.14.1", "2.15.0")
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
 # -- Dynamo sources (torch._dynamo.source) ---------------------------------------------------------
@@ -105,6 +107,27 @@ def dynamo_origins(node: torch.fx.Node) -> list[str]:
 
 
 # -- FX ----------------------------------------------------------------------------------------------
+def graph_function(function: type, module: str, name: str) -> Callable:
+    """A plain Python function ``name`` of ``module`` that calls ``function.apply``: the target a
+    pass gives a ``call_function`` node that runs the ``autograd.Function``.
+
+    FX prints every target by its module and name. Up to 2.13 ``Function.apply`` was a Python
+    classmethod (module ``torch.autograd.function``); from 2.14 it is a C builtin whose
+    ``__module__`` is None, and code generation fails with "cannot find module for <built-in
+    method apply ...>". A module-level function has a name on every release. It stays plain
+    Python (not a ``torch.library.custom_op``), so AOTAutograd traces through it into aten ops:
+    Inductor fuses the compression and the factored weight gradient with their neighbours, and
+    the min-cut partitioner may recompute ``x @ P`` in the backward, which an opaque custom op
+    would prevent. The caller binds the result to ``name`` in ``module`` so that it imports."""
+
+    def call(*args):
+        return function.apply(*args)
+
+    call.__module__, call.__name__, call.__qualname__ = module, name, name
+    call.__doc__ = f"``{function.__name__}.apply(*args)``, as a graph calls it."
+    return call
+
+
 def copy_codegen(source: torch.fx.Graph, target: torch.fx.Graph) -> None:
     """Give ``target`` a copy of ``source``'s code generator (Dynamo's graphs carry their own,
     which the copy must keep to print and run the same)."""
@@ -206,6 +229,21 @@ def is_dynamo_control_flow(err: BaseException) -> bool:
     return isinstance(err, exc.TorchDynamoException) and not isinstance(err, failures)
 
 
+def graph_breaks():
+    """Dynamo's graph breaks so far in this process, as a ``collections.Counter`` keyed by the
+    first two lines of each reason, joined (``torch._dynamo.utils.counters["graph_break"]``:
+    the break and Dynamo's explanation)."""
+    from collections import Counter
+
+    from torch._dynamo.utils import counters
+
+    out = Counter()
+    for reason, count in counters.get("graph_break", {}).items():
+        lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+        out["; ".join(lines[:2])] += count
+    return out
+
+
 def inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs, *args, **kwargs):
     """Inductor's compiler for one partitioned graph (``kwargs["is_backward"]`` says which)."""
     from torch._inductor.compile_fx import compile_fx_inner
@@ -302,6 +340,20 @@ def register_backend(name: str, compiler_fn: Callable) -> bool:
 
 
 # -- activation checkpointing under Dynamo ---------------------------------------------------------
+def checkpoint_side_effects_allowed():
+    """A context in which Dynamo traces an activation-checkpointed region whose forward has a
+    side effect (``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``: the
+    effect is not replayed when the backward recomputes the region) instead of breaking the
+    graph out of the checkpoint and running the region uncompiled. transformers 5.25's
+    ``kernels`` layers set a context variable in every attention forward, so a checkpointed
+    Hugging Face model needs it. Nothing where the release lacks the setting."""
+    import contextlib
+
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+
+
 def checkpoint_body(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """For a ``tag_activation_checkpoint`` node (``torch.utils.checkpoint`` traced by Dynamo):
     ``(body, operands, selective)``, the region's graph module, the outer nodes bound to its

@@ -6,7 +6,9 @@ basis store; ``backend="prac"`` uses one process-wide backend with the default c
 
 Graphs compiled with grad disabled (``torch.no_grad()``, inference) go to Inductor unchanged:
 inference is exact and does no extra work. A graph the passes fail on, or whose rewritten form
-fails to compile, falls back to plain Inductor with a logged reason instead of stopping training.
+fails to compile, falls back to plain Inductor instead of stopping training: the first fallback
+of a backend logs a warning that names the cause and the torch release, ``report()`` counts
+them, and ``strict=True`` (``PRAC_FX_STRICT=1``) raises ``FallbackError`` instead.
 """
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ from prac_fx.report import GraphRecord, Report, placement
 from prac_fx.runner import PracRunner
 
 log = logging.getLogger("prac_fx")
+
+
+class FallbackError(RuntimeError):
+    """A graph would have fallen back to plain Inductor (nothing compressed) under
+    ``strict=True``; the message names the cause, the cause is chained."""
 
 
 def inductor_patches(mode: str | None = None, options: dict | None = None) -> dict:
@@ -103,6 +110,27 @@ class PracBackend:
         self.graphs: list[GraphRecord] = []
         self._narrow: set[str] = set()  # modules already reported too narrow for the rank
         self._runners: list[weakref.ref] = []  # the runners handed to Dynamo (for collect())
+        self._warned_fallback = False  # a fallback warns once per backend, then logs at INFO
+        self._breaks_before = torch_seam.graph_breaks()  # Dynamo's, counted process-wide
+
+    def _fall_back(self, record: GraphRecord, cause: str, err: BaseException) -> None:
+        """Record that ``record``'s graph compiles unchanged because of ``cause``; under
+        ``strict`` raise ``FallbackError`` instead (chained to ``err``)."""
+        record.note = f"fallback: {cause}"
+        record.fallback = cause
+        message = (f"prac_fx: graph {record.index} fell back to plain Inductor, nothing "
+                   f"compressed in it: {cause}; torch {torch.__version__}")
+        if self.config.strict:
+            raise FallbackError(message) from err
+        if self._warned_fallback:
+            log.info("%s", message)
+            return
+        self._warned_fallback = True
+        log.warning("%s. Training goes on exactly, as under plain Inductor. Releases tested: "
+                    "torch %s (README, 'Compatibility'); strict=True or PRAC_FX_STRICT=1 raises "
+                    "at the failure with its traceback. Later fallbacks of this backend are "
+                    "logged at INFO; report() counts them.", message,
+                    ", ".join(torch_seam.CHECKED_ON))
 
     # -- the backend protocol -------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence, *,
@@ -147,10 +175,9 @@ class PracBackend:
             if torch_seam.is_dynamo_control_flow(err):
                 raise
             first_line = (str(err).strip().splitlines() or [""])[0]  # the rest is a traceback
-            log.warning("prac_fx: graph %d: the rewritten graph failed to compile (%s: %s); "
-                        "compiled unchanged", record.index, type(err).__name__, first_line)
+            self._fall_back(record, f"the rewritten graph failed to compile "
+                                    f"({type(err).__name__}: {first_line})", err)
             # as when the passes fail: the record lists no sites, its note says why
-            record.note = f"fallback: rewritten graph failed to compile: {type(err).__name__}: {first_line}"
             record.sites, record.groups, record.rewritten_code, record.tags = [], [], "", {}
             record.head_losses, record.budget = [], None
             record.placement.clear()
@@ -169,8 +196,7 @@ class PracBackend:
         except Exception as err:  # never stop training on a graph the passes cannot handle
             if torch_seam.is_dynamo_control_flow(err):
                 raise
-            log.warning("prac_fx: graph %d left unchanged (%s: %s)", record.index, type(err).__name__, err)
-            record.note = f"fallback: {type(err).__name__}: {err}"
+            self._fall_back(record, f"the passes failed ({type(err).__name__}: {err})", err)
             return None
         record.sites, record.groups, record.passes = state.sites, state.groups, state.results
         record.head_losses = state.head_losses
@@ -336,7 +362,10 @@ class PracBackend:
     # -- introspection --------------------------------------------------------------------------
     def report(self) -> Report:
         self.collect()
-        return Report(self.graphs, self.store)
+        breaks = torch_seam.graph_breaks()
+        for reason, count in self._breaks_before.items():
+            breaks[reason] -= count
+        return Report(self.graphs, self.store, +breaks)
 
     def collect(self) -> None:
         """Read the running variance statistics of every backward that has run since the last
@@ -379,7 +408,7 @@ def backend(*, rank: int | float | Mapping[str, int | float] = 0.25, compiler: s
     Keyword arguments are the fields of ``PracConfig`` (``rank``, a number or per-site mapping,
     ``split``, ``refresh_every``, ``early_refits``, ``resample_every``, ``seed``,
     ``site_filter``, ``complement_scale``, ``exact_heads``, ``subspace_iters``, ``head_loss``,
-    ``head_loss_chunk_rows``, ``memory_budget``, ``complement``, ``exact_if_kept``);
+    ``head_loss_chunk_rows``, ``memory_budget``, ``complement``, ``exact_if_kept``, ``strict``);
     ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
     debugging).
     """

@@ -18,7 +18,19 @@ ENV_PREFIX = "PRAC_FX_"
 # PracConfig fields settable from the environment (site_filter, a callable, is not; its
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
 _ENV_FIELDS = ("rank", "split", "refresh_every", "early_refits", "resample_every", "seed",
-               "complement_scale", "exact_heads", "subspace_iters", "complement", "exact_if_kept")
+               "complement_scale", "exact_heads", "subspace_iters", "complement", "exact_if_kept",
+               "strict")
+_FLAGS = {"1": True, "true": True, "0": False, "false": False}
+
+
+def _env_strict() -> bool:
+    """``strict``'s default: ``PRAC_FX_STRICT`` (``1``/``true``), unset False. Read whenever a
+    config is made, so that one variable makes every backend of a process strict (the test
+    suite sets it)."""
+    text = os.environ.get(ENV_PREFIX + "STRICT", "0").strip().lower()
+    if text not in _FLAGS:
+        raise ValueError(f"{ENV_PREFIX}STRICT must be 1, true, 0 or false, got {text!r}")
+    return _FLAGS[text]
 COMPLEMENTS = ("held", "cycle")  # how the random part moves between redraws
 
 
@@ -171,6 +183,11 @@ class PracConfig:
             rewritten graph once (tracing only, under the budget the compile will use) and
             rewrites the graph again without them; the report gives their reason
             (``kinds.KEPT_ANYWAY``). Costs one more trace of each training graph at compile time.
+        strict: raise ``prac_fx.FallbackError`` where a training graph would fall back to plain
+            Inductor (the passes fail on it, or its rewritten form fails to compile), naming the
+            cause, instead of warning once and training uncompressed. The default is the
+            ``PRAC_FX_STRICT`` environment variable (``1``/``true``), read when the config is
+            made; unset, False.
     """
 
     rank: int | float | Mapping[str, int | float] = 0.25
@@ -188,6 +205,7 @@ class PracConfig:
     memory_budget: float | None = None
     complement: str = "held"
     exact_if_kept: bool = False
+    strict: bool = dataclasses.field(default_factory=_env_strict)
 
     def __post_init__(self):
         rank, split = self.rank, self.split
@@ -234,7 +252,7 @@ class PracConfig:
                 or not 0 <= self.subspace_iters <= 8:
             raise ValueError(f"subspace_iters must be an int in [0, 8] (subspace iterations per "
                              f"training call), got {self.subspace_iters!r}")
-        for name in ("head_loss", "exact_if_kept"):
+        for name in ("head_loss", "exact_if_kept", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         budget = self.memory_budget
@@ -268,7 +286,8 @@ class PracConfig:
         or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
         ``PRAC_FX_SUBSPACE_ITERS``, ``PRAC_FX_COMPLEMENT`` (``held`` or ``cycle``),
-        ``PRAC_FX_EXACT_IF_KEPT`` (``1``/``true`` or ``0``/``false``), ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
+        ``PRAC_FX_EXACT_IF_KEPT`` and ``PRAC_FX_STRICT`` (``1``/``true`` or ``0``/``false``),
+        ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
         ``PRAC_FX_EXCLUDE`` (comma-separated substrings of module paths left exact). Unset ones
         keep their defaults. Values are checked like ``PracConfig(...)`` arguments; an unknown
         ``PRAC_FX_*`` name is an error, so a typo never passes silently.
@@ -291,8 +310,8 @@ class PracConfig:
             text = text.strip()
             if field == "complement":
                 kwargs[field] = text
-            elif field == "exact_if_kept":
-                flag = {"1": True, "true": True, "0": False, "false": False}.get(text.lower())
+            elif field in ("exact_if_kept", "strict"):
+                flag = _FLAGS.get(text.lower())
                 if flag is None:
                     raise ValueError(f"{key} must be 1, true, 0 or false, got {text!r}")
                 kwargs[field] = flag

@@ -102,6 +102,7 @@ class GraphRecord:
     groups: list[Group] = dataclasses.field(default_factory=list)
     passes: list[PassResult] = dataclasses.field(default_factory=list)
     note: str = ""
+    fallback: str | None = None  # why the graph compiled unchanged, when it fell back
     dynamo_code: str = ""  # the Dynamo graph as the backend received it
     rewritten_code: str = ""  # the same graph after the passes ("" when unchanged)
     tags: dict[str, dict] = dataclasses.field(default_factory=dict)  # its nodes' meta["prac"]
@@ -149,6 +150,14 @@ class GraphRecord:
 class Report:
     graphs: list[GraphRecord]
     store: object = None  # the BasisStore: the running variance estimate per site
+    # Dynamo's graph breaks since the backend was made (reason -> count): code at a break may
+    # run uncompiled, e.g. a whole activation-checkpointed layer whose forward has a side effect
+    graph_breaks: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def fallbacks(self) -> list[GraphRecord]:
+        """The graphs that fell back to plain Inductor (nothing compressed in them)."""
+        return [g for g in self.graphs if g.fallback]
 
     @property
     def sites_matched(self) -> int:
@@ -229,6 +238,14 @@ class Report:
         rows = self.rows(include_skipped)
         head = (f"{self.sites_matched} linear sites with a trained weight, "
                 f"{self.sites_rewritten} rewritten, in {len(self.graphs)} graph(s)")
+        fallbacks = self.fallbacks
+        if fallbacks:  # first: nothing else in the table matters as much
+            head = (f"{len(fallbacks)} graph(s) FELL BACK to plain Inductor, nothing compressed "
+                    f"in them (first: graph {fallbacks[0].index}, {fallbacks[0].fallback})\n"
+                    + head)
+        if self.graph_breaks:
+            head += "\nDynamo graph breaks (code at a break may run uncompiled): " + "; ".join(
+                f"{count} x {reason}" for reason, count in self.graph_breaks.items())
         out = head + ("\n" + tabulate(rows, headers="keys") if rows else "")
         heads = self.head_rows()
         if heads:

@@ -4,6 +4,10 @@ import os
 # tiny Inductor kernels up to 100x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Strict by default: a graph that falls back to plain Inductor raises prac_fx.FallbackError where
+# it happens, instead of failing a test three assertions later as "nothing compressed". Tests of
+# the fallback itself pass strict=False.
+os.environ.setdefault("PRAC_FX_STRICT", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

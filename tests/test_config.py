@@ -139,3 +139,17 @@ def test_parse_rank_and_environment():
             parse_rank(bad)
     env = PracConfig.from_env({"PRAC_FX_RANK": "*=0.25,mlp=0.375"})
     assert env.rank == {"*": 0.25, "mlp": 0.375}
+
+
+def test_strict_flag_and_its_environment_default(monkeypatch):
+    monkeypatch.delenv("PRAC_FX_STRICT", raising=False)
+    assert PracConfig().strict is False
+    monkeypatch.setenv("PRAC_FX_STRICT", "1")
+    assert PracConfig().strict is True  # the default follows the variable
+    assert PracConfig(strict=False).strict is False  # an explicit value wins
+    assert PracConfig.from_env({"PRAC_FX_STRICT": "false"}).strict is False
+    monkeypatch.setenv("PRAC_FX_STRICT", "maybe")
+    with pytest.raises(ValueError, match="PRAC_FX_STRICT must be 1, true, 0 or false"):
+        PracConfig()
+    with pytest.raises(ValueError, match="strict must be True or False"):
+        PracConfig(strict=1)

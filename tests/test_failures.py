@@ -83,15 +83,22 @@ def test_pass_failure_falls_back_to_plain_inductor(monkeypatch, caplog):
         raise RuntimeError("cannot handle this graph")
 
     monkeypatch.setattr(passes, "run", broken)
-    be = prac_fx.backend(rank=4)  # Inductor
+    be = prac_fx.backend(rank=4, strict=False)  # Inductor
     model.zero_grad()
     with caplog.at_level(logging.WARNING, logger="prac_fx"):
         out = torch.compile(model, backend=be)(x, scale)
         out.square().sum().backward()
-    assert any("left unchanged (RuntimeError: cannot handle this graph)" in r.getMessage()
-               for r in caplog.records)
-    assert be.graphs[0].note.startswith("fallback: RuntimeError")
-    assert be.store.groups == {} and be.report().sites_rewritten == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    # the cause, the torch release and what to do
+    assert "fell back to plain Inductor" in warned[0]
+    assert "the passes failed (RuntimeError: cannot handle this graph)" in warned[0]
+    assert f"torch {torch.__version__}" in warned[0] and "PRAC_FX_STRICT=1" in warned[0]
+    assert be.graphs[0].note.startswith("fallback: the passes failed (RuntimeError")
+    report = be.report()
+    assert be.store.groups == {} and report.sites_rewritten == 0
+    assert [g.index for g in report.fallbacks] == [0]
+    assert report.table().splitlines()[0].startswith("1 graph(s) FELL BACK to plain Inductor")
     torch.testing.assert_close(out, ref)
     for k, p in model.named_parameters():  # nothing compressed: weight gradients are exact
         torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-5, atol=1e-6)
@@ -114,21 +121,44 @@ def test_rewritten_graph_failing_to_compile_falls_back(monkeypatch, caplog):
         raise NotImplementedError("op not supported by this tracer")
 
     monkeypatch.setattr(CompressedLinear, "forward", staticmethod(untraceable))
-    be = prac_fx.backend(rank=4, compiler="eager")
+    be = prac_fx.backend(rank=4, compiler="eager", strict=False)
     compiled = torch.compile(model, backend=be)
     with caplog.at_level(logging.WARNING, logger="prac_fx"):
         for _ in range(2):
             model.zero_grad()
             compiled(x, scale).square().sum().backward()
     messages = [r.getMessage() for r in caplog.records]
-    assert sum(m.endswith("(NotImplementedError: op not supported by this tracer); compiled unchanged")
-               for m in messages) == 1, messages
-    assert len(be.graphs) == 1 and be.graphs[0].note.startswith("fallback: rewritten graph")
+    assert sum("the rewritten graph failed to compile (NotImplementedError: op not supported "
+               "by this tracer)" in m for m in messages) == 1, messages
+    assert len(be.graphs) == 1 and be.graphs[0].note.startswith("fallback: the rewritten graph")
     assert be.report().sites_rewritten == 0 and be.graphs[0].groups == []
     # bound only after a successful compile: no group in the store or in its state
     assert be.store.groups == {} and be.state_dict()["store"]["groups"] == {}
     for k, p in model.named_parameters():  # exact: the original graph ran
         torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_strict_raises_at_the_fallback_naming_its_cause(monkeypatch):
+    """strict=True (the suite's default, through PRAC_FX_STRICT): no silent fallback."""
+    torch._dynamo.reset()
+    model = ScaledMLP()
+    x, scale = torch.randn(2, 16, 32), torch.rand(64)
+
+    def broken(gm, policy):
+        raise RuntimeError("cannot handle this graph")
+
+    monkeypatch.setattr(passes, "run", broken)
+    be = prac_fx.backend(rank=4, compiler="eager", strict=True)
+    with pytest.raises(Exception) as caught:
+        torch.compile(model, backend=be)(x, scale)
+    # Dynamo wraps what a backend raises; the FallbackError is in the chain
+    chain, err = [], caught.value
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    fallback = next(e for e in chain if isinstance(e, prac_fx.FallbackError))
+    assert "the passes failed (RuntimeError: cannot handle this graph)" in str(fallback)
+    assert f"torch {torch.__version__}" in str(fallback)
 
 
 class ComplexAndInt(torch.nn.Module):

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import prac_fx
 from conftest import rel_err
+from prac_fx.passes import torch_seam
 from prac_fx.passes.kinds import CHECKPOINTED, SELECTIVE
 from prac_fx.diff import models
 from prac_fx.config import PracConfig
@@ -277,7 +278,11 @@ def test_checkpointed_model_reports_why_nothing_is_compressed():
     ref = _eager_grads(model, ids)
     be = prac_fx.backend(rank=0.25, compiler="eager")
     model.zero_grad()
-    torch.compile(model, backend=be)(ids, labels=ids).loss.backward()
+    # transformers 5.25's `kernels` layers set a context variable inside each layer's forward:
+    # Dynamo traces the checkpoint only when told not to replay that in the backward (the
+    # README's "Compatibility"; without it, see the next test)
+    with torch_seam.checkpoint_side_effects_allowed():
+        torch.compile(model, backend=be)(ids, labels=ids).loss.backward()
     got = _grads(model)
     assert max(rel_err(got[k], ref[k]) for k in ref) < 1e-4  # nothing compressed: exact
     rows = [r for r in be.report().rows() if r["module"].startswith("model.layers.0.")]
@@ -286,6 +291,37 @@ def test_checkpointed_model_reports_why_nothing_is_compressed():
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(r["status"] == f"skipped: {CHECKPOINTED}" for r in linear), linear
     assert be.graphs[0].note == CHECKPOINTED
+
+
+_EFFECTS = []
+
+
+class _Effectful(torch.nn.Module):
+    """A checkpointed block whose forward changes state outside itself, as transformers 5.25's
+    `kernels` layers do: Dynamo breaks the graph out of the checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = MLP()
+
+    def _forward(self, x):
+        _EFFECTS.append(1)
+        return self.body(x)
+
+    def forward(self, x):
+        return checkpoint(self._forward, x, use_reentrant=False)
+
+
+def test_checkpoint_broken_by_a_side_effect_is_named_in_the_report():
+    """The checkpointed region then runs uncompiled and its sites reach no graph: the report says
+    that Dynamo broke the graph, and why, instead of only counting no sites."""
+    torch._dynamo.reset()
+    be = prac_fx.backend(rank=8, compiler="eager")
+    torch.compile(_Effectful(), backend=be)(torch.randn(4, 8, 32)).sum().backward()
+    report = be.report()
+    assert report.sites_matched == 0 and report.graph_breaks
+    assert any("side effect" in reason.lower() for reason in report.graph_breaks), report.graph_breaks
+    assert "Dynamo graph breaks" in report.table()
 
 
 class _Selective(torch.nn.Module):

@@ -43,11 +43,11 @@ def _basis_marks(nodes: dict[str, graph_text.Node], bases: dict[str, str],
         elif op == "mm" and on_basis and on_projected:
             # grad_weight = grad_out^T @ x  ~=  (grad_out^T @ (x @ P)) @ P^T
             marks[node.name] = f"weight gradient, back through P, group {on_basis[0]}"
+        elif "compressed_linear" in op or "autograd" in node.op or op == "apply":
+            marks[node.name] = f"compressed linear, group {(on_basis or on_copy)[0]}"
         elif "compress" in op or (op == "mm" and on_basis and node.args[-1] in bases):
             copies[node.name] = on_basis[0]
             marks[node.name] = f"x @ P{' recomputed' if backward else ''}, group {on_basis[0]}"
-        elif "autograd" in node.op or op == "apply":
-            marks[node.name] = f"compressed linear, group {(on_basis or on_copy)[0]}"
         else:
             marks[node.name] = f"reads the basis of group {(on_basis or on_copy)[0]}"
     return marks, bases, copies
