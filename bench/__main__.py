@@ -6,6 +6,8 @@ memory-saving alternatives.
     python -m bench finetune                     MiniLM on movie-review sentiment, held-out accuracy
     python -m bench variance                     weight-gradient variance of each PRAC variant
     python -m bench staleness                    how fast a principal basis goes stale in training
+    python -m bench gpu --out DIR [--dry]        one prepared GPU run: CUDA tests, kernels, memory
+                                                 and step at real sizes, convergence at width 768
 
 The suite re-executes itself once with the allocator settings that make peak-memory figures true
 on CPU (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``: large blocks come from mmap
@@ -25,7 +27,7 @@ import sys
 from typing import Callable
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_WAIT_POLICY": "PASSIVE"}
-COMMANDS = ("suite", "convergence", "finetune", "variance", "staleness")
+COMMANDS = ("suite", "convergence", "finetune", "variance", "staleness", "gpu")
 
 
 def _reexec_with_env(threads: int) -> None:
@@ -87,6 +89,17 @@ def parse(argv):
         p.add_argument("--variants", default="prac-n/4,prac-n/4+S=1,prac-n/4+S=2")
         p.add_argument("--steps", type=int, default=100, help="training steps before measuring")
         p.add_argument("--draws", type=int, default=16, help="draws of the random part per site")
+    elif command == "gpu":
+        p.add_argument("--out", required=True, help="folder for the JSON records and summary.md")
+        p.add_argument("--dry", action="store_true",
+                       help="the same code on the CPU at tiny sizes (a few minutes)")
+        p.add_argument("--budget-s", type=float, default=480.0,
+                       help="seconds for the whole run; parts that would overrun are skipped")
+        p.add_argument("--batches", default=None,
+                       help="candidate batches, largest first (default 16,8,4,2,1; --dry: 2)")
+        p.add_argument("--conv-steps", type=int, default=None,
+                       help="convergence steps per variant (default 600; --dry: 6)")
+        p.add_argument("--parts", default="tests,kernels,memory,convergence")
     elif command == "staleness":
         p.add_argument("--models", default="gpt2,llama", help="comma-separated presets")
         p.add_argument("--fit-at", type=int, default=300, help="training steps before the fit")
@@ -274,6 +287,23 @@ def staleness(args) -> int:
     return 0
 
 
+def gpu(args) -> int:
+    import pathlib
+
+    from bench import gpu as g
+
+    batches = [int(b) for b in (args.batches or ("2" if args.dry else "16,8,4,2,1")).split(",")]
+    parts = tuple(_names(args.parts))
+    unknown = set(parts) - {"tests", "kernels", "memory", "convergence"}
+    if unknown:
+        raise SystemExit(f"unknown part(s) {sorted(unknown)}; choose from tests, kernels, memory, convergence")
+    records = g.run(pathlib.Path(args.out), dry=args.dry, budget_s=args.budget_s, batches=batches,
+                    conv_steps=args.conv_steps, parts=parts)
+    print((pathlib.Path(args.out) / "summary.md").read_text())
+    kernels = records.get("kernels")
+    return 0 if kernels is None or kernels["ok"] else 1
+
+
 def cli(argv: list[str]) -> int:
     """``prac-fx bench ARGS``: ``python -m bench ARGS`` in a fresh process that starts with the
     measuring environment (allocator and OpenMP settings must be in place before start-up)."""
@@ -286,7 +316,7 @@ def main(argv=None) -> int:
     if argv is None:
         _reexec_with_env(args.threads)
     return {"suite": suite, "convergence": convergence, "finetune": finetune,
-            "variance": variance, "staleness": staleness}[args.command](args)
+            "variance": variance, "staleness": staleness, "gpu": gpu}[args.command](args)
 
 
 if __name__ == "__main__":

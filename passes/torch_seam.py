@@ -229,6 +229,14 @@ def is_dynamo_control_flow(err: BaseException) -> bool:
     return isinstance(err, exc.TorchDynamoException) and not isinstance(err, failures)
 
 
+def run_and_get_code(fn: Callable) -> tuple[object, list[str]]:
+    """``fn()``'s result and the source of every module Inductor generated while it ran
+    (``torch._inductor.utils.run_and_get_code``): Triton kernels on a GPU, C++ on the CPU."""
+    from torch._inductor.utils import run_and_get_code as run
+
+    return run(fn)
+
+
 def graph_breaks():
     """Dynamo's graph breaks so far in this process, as a ``collections.Counter`` keyed by the
     first two lines of each reason, joined (``torch._dynamo.utils.counters["graph_break"]``:

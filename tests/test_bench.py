@@ -312,3 +312,41 @@ def test_training_loop_times_records_and_stops_at_a_non_finite_loss():
     assert record["diverged_at"] == 4 and len(record["train_loss"]) == 4
     assert record["compile_s"] is not None and len(record["step_s"]) == 3
     assert seen == [1, 2, 3] and lrs == pytest.approx([0.1, 0.05, 0.1 / 3, 0.025])
+
+
+def test_gpu_script_dry_run_writes_every_record(tmp_path):
+    """``python -m bench gpu --dry``: the prepared GPU run on the CPU at tiny sizes, as a user
+    (or a lent device) runs it, so that the script cannot rot between device sessions."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, "-m", "bench", "gpu", "--dry", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(records) == {"environment.json", "tests.json", "kernels.json", "memory.json",
+                            "convergence.json"}
+    assert records["tests.json"]["returncode"] == 0  # skipped without CUDA, none failed
+    kernels = records["kernels.json"]
+    assert kernels["ok"]
+    for name in ("gpt2", "llama"):
+        prac, inductor = kernels["models"][name]["prac"], kernels["models"][name]["inductor"]
+        assert prac["fallbacks"] == 0 and prac["sites_rewritten"] > 0 and prac["kernels_total"] > 0
+        # x @ P and the factored weight gradient add matmuls to what Inductor alone runs
+        assert prac["extern_mm_total"] > inductor["extern_mm_total"]
+    rows = records["memory.json"]["rows"]
+    from bench.gpu import VARIANTS
+
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    assert all(r["step_ms"] > 0 and r["fallbacks"] == 0 for r in rows)
+    runs = records["convergence.json"]["runs"]
+    assert runs["inductor"]["steps"] == runs["prac-n/4"]["steps"] == 6
+    assert math.isfinite(records["convergence.json"]["ppl_gap"])
+    summary = (out / "summary.md").read_text()
+    assert "Memory and step" in summary and "Convergence" in summary
