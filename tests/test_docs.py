@@ -46,3 +46,15 @@ def test_every_relative_link_resolves(page):
         assert path.exists(), f"{page.name}: {link} does not exist"
         if anchor and path.suffix == ".md":
             assert anchor in _anchors(path), f"{page.name}: no heading for #{anchor} in {path.name}"
+
+
+def test_readme_quick_start_runs_as_written(capsys):
+    """The first Python block of the README, executed as a user pastes it."""
+    import torch._dynamo
+
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    torch._dynamo.reset()
+    exec(compile(code, "README.md", "exec"), {})
+    table = capsys.readouterr().out
+    assert "2 linear sites with a trained weight, 2 rewritten" in table
