@@ -64,6 +64,23 @@ def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
     return -(-rows // chunks)
 
 
+def grad_in_forward_pays(rows: int, vocab: int, width: int | None, weight_grad: bool) -> bool:
+    """Whether the op should compute its gradients in the forward (``grad_in_forward``).
+
+    In the forward it runs the head's three matmuls once each, as Inductor's graph does, and
+    keeps the input gradient (rows x width, the size of the head input the recompute keeps)
+    and the weight gradient (vocab x width, float32) until the backward; recomputing keeps the
+    head input and runs a fourth matmul. The rule: compute in the forward when the held weight
+    gradient is at most half of the float32 logits that plain Inductor keeps (``2 width <=
+    rows``), or when the weight takes no gradient (a frozen head), where it holds nothing more.
+    At the bench's 2048 rows and width 256, and at a real model's rows and width 4096 from
+    8192 rows on, it computes in the forward; a batch of fewer rows than twice the width
+    recomputes."""
+    if not weight_grad or not width:
+        return True
+    return 2 * width <= rows
+
+
 def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     """(sum of the per-row losses over valid rows, per-row log-sum-exp) of one chunk."""
     lse = torch.logsumexp(logits, dim=-1)  # (c,)
@@ -74,42 +91,93 @@ def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     return per_row.sum(), lse
 
 
+def _unit_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
+               ignore_index: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(softmax(logits) - onehot(labels)) * row_scale`` on valid rows, 0 on ignored ones:
+    the gradient of the summed loss with respect to one chunk's logits (c, V), in the logits'
+    dtype. ``row_scale`` (a scalar) multiplies every valid row; None: 1."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    one = torch.ones((), dtype=logits.dtype, device=logits.device)
+    scale = one if row_scale is None else row_scale.to(logits.dtype)
+    weights = torch.where(valid, scale, torch.zeros_like(one)).unsqueeze(1)  # (c, 1)
+    # softmax * scale, then minus scale at each row's label (no (c, V) one-hot)
+    grad = torch.exp(logits - lse.unsqueeze(1)) * weights
+    return torch.scatter_add(grad, 1, safe.unsqueeze(1), -weights)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Exact head + cross-entropy, computed chunk by chunk; saves x, labels and a log-sum-exp."""
+    """Exact head + cross-entropy, computed chunk by chunk; keeps no ``(N, V)`` tensor."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, labels, ignore_index, reduction, chunk_rows, upcast,
-                return_logits):
+                return_logits, grad_in_forward=False):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         n = x.shape[-1]
         x2d = x.reshape(-1, n)  # (N, n)
         labels1d = labels.reshape(-1)  # (N,)
         rows = x2d.shape[0]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        early = grad_in_forward and (need_x or need_w or need_b)
         full = F.linear(x2d, weight, bias) if return_logits else None  # (N, V)
         total, lses = None, []
+        grad_x_parts, grad_weight, grad_bias = [], None, None
         for start in range(0, rows, chunk_rows):
             stop = min(rows, start + chunk_rows)
-            logits = full[start:stop] if full is not None else F.linear(x2d[start:stop], weight, bias)
+            xc = x2d[start:stop]  # (c, n)
+            logits = full[start:stop] if full is not None else F.linear(xc, weight, bias)
+            compute_dtype = logits.dtype
             if upcast:
                 logits = logits.float()
             part, lse = _chunk_loss(logits, labels1d[start:stop], ignore_index)
             total = part if total is None else total + part
             lses.append(lse)
+            if not early:
+                continue
+            # The loss is the graph's last op: its gradient with respect to this chunk's logits
+            # is (softmax - onehot) times a scalar the backward supplies (grad_loss / count for
+            # "mean"), so the head's three matmuls all run here, on the chunk's logits.
+            grad_logits = _unit_grad(logits, lse, labels1d[start:stop], ignore_index).to(compute_dtype)
+            # grad_x = grad_logits @ W                                             (c, n)
+            if need_x:
+                grad_x_parts.append(torch.mm(grad_logits, weight.to(compute_dtype)))
+            # grad_weight = sum over chunks of grad_logits^T @ x, float32           (V, n)
+            if need_w:
+                part_w = torch.mm(grad_logits.t(), xc.to(compute_dtype)).float()
+                grad_weight = part_w if grad_weight is None else grad_weight + part_w
+            # grad_bias = sum over rows of grad_logits, float32                     (V,)
+            if need_b:
+                part_b = grad_logits.float().sum(0)
+                grad_bias = part_b if grad_bias is None else grad_bias + part_b
         lse = torch.cat(lses) if len(lses) > 1 else lses[0]  # (N,)
         count = (labels1d != ignore_index).sum()
         loss = total / count.to(total.dtype) if reduction == "mean" else total
 
         ctx.ignore_index, ctx.reduction, ctx.chunk_rows = ignore_index, reduction, chunk_rows
-        ctx.upcast, ctx.return_logits = upcast, return_logits
+        ctx.upcast, ctx.return_logits, ctx.early = upcast, return_logits, early
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, bias, labels1d, lse, count)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if early:
+            grad_x = (torch.cat(grad_x_parts) if len(grad_x_parts) > 1 else grad_x_parts[0]) \
+                if need_x else None
+            ctx.save_for_backward(grad_x, grad_weight, grad_bias, count)
+        else:
+            ctx.save_for_backward(x, weight, bias, labels1d, lse, count)
         if return_logits:
-            return loss, full.reshape(*x.shape[:-1], full.shape[-1])
+            logits_out = full.reshape(*x.shape[:-1], full.shape[-1])
+            if early:  # no gradient path here: the caller attaches one (attach_logits_grad)
+                ctx.mark_non_differentiable(logits_out)
+            return loss, logits_out
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logits_out=None):
+        if ctx.early:
+            return LinearCrossEntropy._backward_early(ctx, grad_loss)
         x, weight, bias, labels1d, lse, count = ctx.saved_tensors
         n = x.shape[-1]
         x2d = x.reshape(-1, n)
@@ -130,14 +198,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             compute_dtype = logits.dtype
             if ctx.upcast:
                 logits = logits.float()
-            labels = labels1d[start:stop]
-            valid = labels != ctx.ignore_index
-            safe = torch.where(valid, labels, torch.zeros_like(labels))
-            row_scale = torch.where(valid, scale.to(logits.dtype),
-                                    torch.zeros_like(scale, dtype=logits.dtype)).unsqueeze(1)  # (c, 1)
-            # softmax * scale, then minus scale at each row's label (no (c, V) one-hot)
-            grad_logits = torch.exp(logits - lse[start:stop].unsqueeze(1)) * row_scale  # (c, V)
-            grad_logits = torch.scatter_add(grad_logits, 1, safe.unsqueeze(1), -row_scale)
+            grad_logits = _unit_grad(logits, lse[start:stop], labels1d[start:stop],
+                                     ctx.ignore_index, scale)
             if grad_logits_out is not None:
                 grad_logits = grad_logits + grad_logits_out[start:stop].to(grad_logits.dtype)
             grad_logits = grad_logits.to(compute_dtype)
@@ -160,7 +222,68 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward_early(ctx, grad_loss):
+        """The forward computed the gradients for a loss gradient of 1 per valid row: scale."""
+        grad_x, grad_weight, grad_bias, count = ctx.saved_tensors
+        # scale = d loss / d (sum of the valid rows' losses); with no valid row the held
+        # gradients are zero, and so are eager's (the clamp keeps 0 * inf from making NaN)
+        if ctx.reduction == "mean":
+            scale = grad_loss / count.clamp_min(1).to(grad_loss.dtype)
+        else:
+            scale = grad_loss
+        if grad_x is not None and ctx.needs_input_grad[0]:
+            grad_x = (grad_x * scale.to(grad_x.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
+        else:
+            grad_x = None
+        if grad_weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (grad_weight * scale.float()).to(ctx.weight_dtype)
+        else:
+            grad_weight = None
+        if grad_bias is not None and ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = (grad_bias * scale.float()).to(ctx.bias_dtype)
+        else:
+            grad_bias = None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+class _LogitsGrad(torch.autograd.Function):
+    """Identity on logits computed without a gradient path, whose backward sends a gradient
+    arriving at them to ``x``, ``weight`` and ``bias`` as ``F.linear`` would. Its backward runs
+    only when something differentiates through the logits, so a caller who only reads them
+    pays nothing."""
+
+    @staticmethod
+    def forward(ctx, logits, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        x, weight, bias = ctx.saved_tensors
+        vocab, n = weight.shape
+        g = grad_logits.reshape(-1, vocab)  # (N, V)
+        grad_x = grad_weight = grad_bias = None
+        # grad_x = grad_logits @ W;  grad_weight = grad_logits^T @ x;  grad_bias = row sum
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.mm(g, weight.to(g.dtype)).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.mm(g.t(), x.reshape(-1, n).to(g.dtype)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = g.sum(0).to(bias.dtype)
+        return None, grad_x, grad_weight, grad_bias
+
+
+def attach_logits_grad(logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` (as ``F.linear(x, weight, bias)`` gives them, without a gradient path) with
+    that path attached: what ``LinearCrossEntropy`` with ``grad_in_forward`` returns, made
+    differentiable again outside the compiled graph, where an unused path costs nothing."""
+    if not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return logits
+    return _LogitsGrad.apply(logits, x, weight, bias)
 
 
 # The target of the graph node the head-and-loss pass inserts (``torch_seam.graph_function``).

@@ -35,6 +35,7 @@ class SitePolicy(Protocol):
     complement_scale: float | None  # k on the random part; None: (n - r1) / r2
     # Optional (read with getattr; defaults True, None and ()): ``head_loss``, whether the head
     # and cross-entropy loss become one chunked op; ``head_loss_chunk_rows``, its rows per chunk;
+    # ``head_loss_grad_in_forward``, True/False/None (None: ``chunked_ce.grad_in_forward_pays``);
     # ``rank_for(module_path)``, None where a per-site rank mapping names no rank (the site is
     # left exact as filtered); ``kept_anyway``, names of site nodes left exact because the
     # partitioned graph keeps their input for backward anyway (``kinds.KEPT_ANYWAY``).
@@ -142,6 +143,12 @@ class GraphState:
     stats_placeholder: str = ""  # the ``prac_stats`` input the rewrite adds after the bases
     followed: int = 0  # extra outputs: the bases of following groups, after the graph's own
     head_losses: list = dataclasses.field(default_factory=list)  # head_loss.HeadLoss records
+    # Logits returned by a head-and-loss op that computed its gradients in the forward, without
+    # a gradient path: per op (logits' index among the graph's own outputs, the weight's and the
+    # bias's index among its inputs, None without bias); the head input is an extra output after
+    # the graph's own, in this order, before the followed bases. The runner attaches the path
+    # (``passes.chunked_ce.attach_logits_grad``) and strips the extra outputs.
+    logits_grads: list = dataclasses.field(default_factory=list)
 
 
 PassFn = Callable[[GraphState, SitePolicy], PassResult]

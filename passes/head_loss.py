@@ -47,7 +47,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from prac_fx.passes.chunked_ce import chunk_rows_for, linear_cross_entropy
+from prac_fx.passes.chunked_ce import chunk_rows_for, grad_in_forward_pays, linear_cross_entropy
 from prac_fx.passes import kinds
 from prac_fx.passes.graph_state import GraphState, PassResult, SitePolicy
 from prac_fx.passes.paths import module_path, parameter_path
@@ -79,6 +79,8 @@ class HeadLoss:
     reason: str | None = None
     saved_bytes_before: int = 0
     saved_bytes_after: int = 0
+    grad_in_forward: bool = False  # the gradients computed in the forward (or recomputed)
+    grad_bytes: int = 0  # held from forward to backward when computed in the forward
 
 
 def _val(node):
@@ -98,6 +100,14 @@ def _is_trained_weight(node) -> bool:
     return (isinstance(node, torch.fx.Node) and node.op == "placeholder"
             and isinstance(v, torch.Tensor) and v.requires_grad and v.dim() == 2
             and v.is_floating_point())
+
+
+def _is_head_weight(node) -> bool:
+    """A 2-D floating-point graph input: a head weight, trained or frozen (a base model under
+    adapters; the op then computes no weight gradient)."""
+    v = _val(node)
+    return (isinstance(node, torch.fx.Node) and node.op == "placeholder"
+            and isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point())
 
 
 def _is_float_cast(node: torch.fx.Node) -> bool:
@@ -220,7 +230,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             continue
         linear, chain, upcast, slices = walked
         x, weight, bias = _arg(linear, 0, "input"), _arg(linear, 1, "weight"), _arg(linear, 2, "bias")
-        if reason is None and not _is_trained_weight(weight):
+        if reason is None and not _is_head_weight(weight):
             reason = "no head linear"
         if reason is None and bias is not None and not isinstance(bias, torch.fx.Node):
             reason = "unsupported pattern"
@@ -260,6 +270,16 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         head.saved_bytes_before = rows * vocab * loss_dtype.itemsize
         head.saved_bytes_after = rows * loss_dtype.itemsize  # the per-row log-sum-exp
         labels = _arg(ce, 1, "target")
+        early = getattr(policy, "head_loss_grad_in_forward", None)
+        if early is None:
+            early = grad_in_forward_pays(rows, vocab, width, bool(_val(weight).requires_grad))
+        if returns and bias is not None and bias.op != "placeholder":
+            early = False  # the runner re-attaches the logits' gradient from graph inputs
+        head.grad_in_forward = early
+        if early:  # the gradients it holds from forward to backward, under their own name
+            head.grad_bytes = rows * width * x_val.dtype.itemsize + vocab * width * 4
+            if bias is not None:
+                head.grad_bytes += vocab * 4
         with graph.inserting_before(ce):
             x_rows = x
             for s in reversed(slices):  # outermost last: replay in the order applied to the logits
@@ -268,7 +288,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             fused = graph.call_function(
                 linear_cross_entropy,
                 (x_rows, weight, bias, labels, head.ignore_index, head.reduction, chunk, upcast,
-                 returns))
+                 returns, early))
         fused.meta["stack_trace"] = ce.meta.get("stack_trace")
         if returns:
             fused.meta["example_value"] = (_val(ce), logits_val)
@@ -289,6 +309,12 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             graph.erase_node(node)
         if returns:
             linear.replace_all_uses_with(logits)
+            if early:  # the op returns them without a gradient path: the runner attaches it
+                outs = list(output.args[0])
+                placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+                state.logits_grads.append((outs.index(logits), placeholders.index(weight),
+                                           placeholders.index(bias) if bias is not None else None))
+                output.args = (type(output.args[0])([*outs, x_rows]),)
         graph.erase_node(linear)
         head.status, head.reason = "rewritten", None
         result.sites_matched += 1

@@ -299,7 +299,8 @@ class PracBackend:
                             "random orthonormal, which keeps gradients unbiased", record.index, err)
                 record.note = f"no probe: {err}"
         runner = PracRunner(compiled, probe, state.groups, self.store,
-                            sorted(set(plan.devices), key=str), owner_args, names)
+                            sorted(set(plan.devices), key=str), owner_args, names,
+                            state.logits_grads)
         self._runners.append(weakref.ref(runner))
         return runner
 

@@ -160,7 +160,7 @@ class PracConfig:
         head_loss: whether an output head that feeds a cross-entropy loss and the loss become
             one exact op that computes the loss chunk by chunk over rows and keeps no logits
             for backward (``passes/head_loss.py``; it saves the head input, the labels and a
-            per-row log-sum-exp, and recomputes each chunk's logits in the backward). Loss and
+            per-row log-sum-exp; see ``head_loss_grad_in_forward`` for its gradients). Loss and
             gradients stay exact. False leaves the head and loss as they are. It takes the
             head whatever ``exact_heads`` says: the loss's input gradient needs the exact
             logits, which a compressed copy of the head input cannot give, so the op saves
@@ -169,6 +169,16 @@ class PracConfig:
             that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32) and
             a chunk's logits are no larger than the head input, but at least 128 rows
             (``passes.chunked_ce.chunk_rows_for``).
+        head_loss_grad_in_forward: whether that op computes the head's gradients in the forward,
+            chunk by chunk (the loss is the graph's last op, so its gradient with respect to the
+            logits is known there up to the scalar the backward brings): three head matmuls in
+            all, as Inductor's graph runs, keeping the input gradient and a float32 weight
+            gradient (vocab x width) until the backward. False recomputes each chunk's logits in
+            the backward instead (a fourth matmul; keeps the head input). None (the default)
+            decides per graph: in the forward unless the held weight gradient would exceed half
+            of the float32 logits plain Inductor keeps (``2 width > rows``)
+            (``passes.chunked_ce.grad_in_forward_pays``). Logits the model returns beside the
+            loss keep an exact gradient path either way.
         memory_budget: None, or a fraction in [0, 1] of what the *uncompressed* graph would keep
             for backward. The backend measures that and the rewritten graph's default, and hands
             the min-cut partitioner the ``activation_memory_budget`` that keeps this many bytes,
@@ -202,6 +212,7 @@ class PracConfig:
     subspace_iters: int = 0
     head_loss: bool = True
     head_loss_chunk_rows: int | None = None
+    head_loss_grad_in_forward: bool | None = None
     memory_budget: float | None = None
     complement: str = "held"
     exact_if_kept: bool = False
@@ -259,6 +270,9 @@ class PracConfig:
         if budget is not None and (not _is_number(budget) or not 0.0 <= budget <= 1.0):
             raise ValueError(f"memory_budget must be None or a fraction in [0, 1] of what the "
                              f"uncompressed graph keeps for backward, got {budget!r}")
+        if self.head_loss_grad_in_forward not in (None, True, False):
+            raise ValueError(f"head_loss_grad_in_forward must be True, False or None (decide per "
+                             f"graph), got {self.head_loss_grad_in_forward!r}")
         chunk = self.head_loss_chunk_rows
         if chunk is not None and (not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool)
                                   or chunk < 1):

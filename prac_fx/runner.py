@@ -28,6 +28,7 @@ import torch
 
 from prac_fx.basis import BasisStore
 from prac_fx.passes import torch_seam
+from prac_fx.passes.chunked_ce import attach_logits_grad
 from prac_fx.passes.graph_state import Group
 
 log = logging.getLogger("prac_fx")
@@ -43,7 +44,7 @@ class PracRunner:
     def __init__(self, compiled: Callable, probe: torch.fx.GraphModule | None,
                  groups: Sequence[Group], store: BasisStore, devices: list[torch.device],
                  owner_args: Sequence[int | None] | None = None,
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, logits_grads: Sequence[tuple] = ()):
         self.compiled = compiled
         self.probe = probe
         self.groups = list(groups)
@@ -59,6 +60,8 @@ class PracRunner:
         self.n_sites = sum(len(g.sites) for g in self.groups)  # rows of the stats input
         self.followed = sum(1 for g in self.groups if g.omega_placeholder)  # extra outputs
         self._pending: list[tuple[torch.Tensor, list[str]]] = []  # (stats leaf, keys) per call
+        # returned logits to give back their gradient path (``GraphState.logits_grads``)
+        self.logits_grads = list(logits_grads)
 
     def _keys(self, args: tuple) -> list[str]:
         """The store keys of this call's weights (cached per set of weights)."""
@@ -133,7 +136,7 @@ class PracRunner:
             bases.append(basis)
         stats = self._stats(bases[0].device if bases else None, True)
         omegas = self._omegas(self.keys, bases, draw=False)
-        return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]))[0]
+        return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]), args)[0]
 
     def _omegas(self, keys: list[str], bases: list, draw: bool) -> list[torch.Tensor]:
         """The held draws of the following groups, in group order. A group with none yet (a
@@ -151,11 +154,24 @@ class PracRunner:
                           torch.zeros(group.n, group.r2, dtype=torch.float32, device=state.device))
         return omegas
 
-    def _split(self, out):
-        """The graph's own outputs, and the bases its following groups built (``follow_basis``)."""
-        if not self.followed:
-            return out, []
-        return type(out)(out[:-self.followed]), list(out[-self.followed:])
+    def _split(self, out, args):
+        """The graph's own outputs, and the bases its following groups built (``follow_basis``).
+
+        Logits that a head-and-loss op returned without a gradient path (it computed the head's
+        gradients in the forward) get it back here, outside the compiled graph: from the head
+        input the graph returns after its own outputs and the head's weight and bias among
+        ``args``. Its backward runs only if something differentiates through the logits."""
+        kind, followed = type(out), []
+        if self.followed:
+            out, followed = out[:-self.followed], list(out[-self.followed:])
+        if self.logits_grads:
+            heads = len(self.logits_grads)
+            own, head_inputs = list(out[:-heads]), out[-heads:]
+            for (index, weight, bias), x in zip(self.logits_grads, head_inputs):
+                own[index] = attach_logits_grad(own[index], x, args[weight],
+                                                None if bias is None else args[bias])
+            out = own
+        return kind(out), followed
 
     def __call__(self, *args):
         if any(torch_seam.is_fake(a) for a in args):
@@ -182,7 +198,7 @@ class PracRunner:
         for spec, key, basis in zip(self.specs, keys, bases):
             spec.check(basis, key)
         stats = self._stats(bases[0].device if bases else None, training)
-        out, followed = self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]))
+        out, followed = self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]), args)
         if training:
             followers = [k for g, k in zip(self.groups, keys) if g.omega_placeholder]
             for key, basis in zip(followers, followed):

@@ -39,27 +39,32 @@ def _grads(loss, ts):
     return torch.autograd.grad(loss, ts, allow_unused=True)
 
 
+EARLY = pytest.mark.parametrize("early", [False, True], ids=["recompute", "grad-in-forward"])
+
+
+@EARLY
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(12,), (3, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("chunk", [1, 4, 100])
-def test_loss_and_gradients_match_eager(reduction, bias, shape, chunk):
+def test_loss_and_gradients_match_eager(reduction, bias, shape, chunk, early):
     x, w, b, labels = _inputs(shape, bias, ignore_rows=(0, 5, 7))
     ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
     ref, _ = _eager(*ref_leaves, labels, reduction)
-    got = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, chunk, True, False)
+    got = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, chunk, True, False, early)
     torch.testing.assert_close(got, ref)
     for a, e in zip(_grads(got, leaves), _grads(ref, ref_leaves)):
         torch.testing.assert_close(a, e)
 
 
+@EARLY
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_every_label_ignored_matches_eager(reduction):
+def test_every_label_ignored_matches_eager(reduction, early):
     """Mean over no valid row is 0/0 = NaN in eager; sum is 0; gradients are zero (or NaN) alike."""
     x, w, b, labels = _inputs((2, 4), True, all_ignored=True)
     ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
     ref, _ = _eager(*ref_leaves, labels, reduction)
-    got = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, 3, True, False)
+    got = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, 3, True, False, early)
     torch.testing.assert_close(got, ref, equal_nan=True)
     assert torch.isnan(got).item() == torch.isnan(ref).item()
     for a, e in zip(_grads(got, leaves), _grads(ref, ref_leaves)):
@@ -86,6 +91,118 @@ def test_returned_logits_carry_their_gradient():
     aux = lambda lg: (lg.sin() * torch.arange(VOCAB)).mean()  # noqa: E731
     for a, e in zip(_grads(loss + aux(logits), leaves), _grads(ref_loss + aux(ref_logits), ref_leaves)):
         torch.testing.assert_close(a, e)
+
+
+def test_grad_in_forward_returns_logits_without_a_path_until_attached():
+    """With the gradients computed in the forward the op's logits carry no gradient path;
+    ``attach_logits_grad`` gives it back, exact, and costs nothing when nothing uses it."""
+    from prac_fx.passes.chunked_ce import attach_logits_grad
+
+    x, w, b, labels = _inputs((2, 6), True, ignore_rows=(3,))
+    ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
+    ref_loss, ref_logits = _eager(*ref_leaves, labels, "mean")
+    loss, logits = LinearCrossEntropy.apply(*leaves, labels, -100, "mean", 5, True, True, True)
+    assert not logits.requires_grad
+    logits = attach_logits_grad(logits, *leaves)
+    torch.testing.assert_close(logits, ref_logits)
+    aux = lambda lg: (lg.sin() * torch.arange(VOCAB)).mean()  # noqa: E731
+    for a, e in zip(_grads(loss + aux(logits), leaves), _grads(ref_loss + aux(ref_logits), ref_leaves)):
+        torch.testing.assert_close(a, e)
+    # the loss alone: the attached path's backward never runs
+    loss, logits = LinearCrossEntropy.apply(*leaves, labels, -100, "mean", 5, True, True, True)
+    logits = attach_logits_grad(logits, *leaves)
+    with torch.profiler.profile() as prof:
+        _grads(loss, leaves)
+    assert not [e for e in prof.events() if "_LogitsGrad" in e.name]
+
+
+@pytest.mark.parametrize("scale", [3.5, 0.125])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_in_forward_scales_by_the_incoming_gradient(scale, reduction):
+    """Loss scaling, or a division for gradient accumulation: the backward multiplies."""
+    x, w, b, labels = _inputs((3, 5), True, ignore_rows=(2,))
+    ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
+    ref, _ = _eager(*ref_leaves, labels, reduction)
+    got = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, 4, True, False, True)
+    ones = torch.tensor(scale)
+    for a, e in zip(torch.autograd.grad(got, leaves, ones), torch.autograd.grad(ref, ref_leaves, ones)):
+        torch.testing.assert_close(a, e)
+
+
+def test_grad_in_forward_frozen_weight():
+    """A head whose weight takes no gradient (a frozen base under adapters): the input and
+    bias gradients are exact and no weight gradient is computed or held."""
+    x, w, b, labels = _inputs((10,), True)
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    xl, bl = x.clone().requires_grad_(), b.clone().requires_grad_()
+    ref, _ = _eager(xr, w, br, labels, "mean")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        got = LinearCrossEntropy.apply(xl, w, bl, labels, -100, "mean", 4, True, False, True)
+    assert (VOCAB, N_IN) not in saved
+    for a, e in zip(torch.autograd.grad(got, [xl, bl]), torch.autograd.grad(ref, [xr, br])):
+        torch.testing.assert_close(a, e)
+
+
+def _count_mm(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def test_grad_in_forward_does_no_extra_work_without_grad():
+    """Under no_grad (eval) the op computes the logits and the loss, nothing more: one matmul per
+    chunk, as without grad_in_forward; with grad, three per chunk in all, as Inductor's graph."""
+    x, w, b, labels = _inputs((12,), True)
+    chunks = 3  # 12 rows, 4 per chunk
+    with torch.no_grad():
+        assert _count_mm(lambda: LinearCrossEntropy.apply(x, w, b, labels, -100, "mean", 4, True,
+                                                          False, True)) == chunks
+    leaves = _leaves(x, w, b)
+
+    def step(early):
+        loss = LinearCrossEntropy.apply(*leaves, labels, -100, "mean", 4, True, False, early)
+        loss.backward()
+
+    assert _count_mm(lambda: step(True)) == 3 * chunks
+    assert _count_mm(lambda: step(False)) == 4 * chunks  # the recompute
+
+
+def test_grad_in_forward_under_bf16_autocast_accumulates_in_float32():
+    x, w, b, labels = _inputs((64,), True)
+    ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = _eager(*ref_leaves, labels, "mean")
+        got = LinearCrossEntropy.apply(*leaves, labels, -100, "mean", 16, True, False, True)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    got_grads, ref_grads = _grads(got, leaves), _grads(ref, ref_leaves)
+    assert all(g.dtype == torch.float32 for g in got_grads)
+    # bf16 matmuls on both sides: agreement to bf16 precision
+    for a, e in zip(got_grads, ref_grads):
+        assert (a - e).norm() / e.norm() < 2e-2
+    fp32 = _leaves(x, w, b)
+    exact = _grads(_eager(*fp32, labels, "mean")[0], fp32)
+    for a, e in zip(got_grads, exact):  # and to the float32 gradients, to bf16 precision
+        assert (a - e).norm() / e.norm() < 2e-2
+
+
+def test_grad_in_forward_rule():
+    from prac_fx.passes.chunked_ce import grad_in_forward_pays
+
+    assert grad_in_forward_pays(2048, 32000, 256, True)  # the bench: 2048 rows, width 256
+    assert grad_in_forward_pays(16384, 128000, 4096, True)  # a real batch of a wide model
+    assert not grad_in_forward_pays(512, 150000, 4096, True)  # few rows, wide: recompute
+    assert grad_in_forward_pays(512, 150000, 4096, False)  # frozen head: nothing more held
 
 
 def test_no_upcast_keeps_dtype():
