@@ -43,6 +43,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     (``skip=attn``: only the MLPs compressed; ``skip=mlp``: only attention)
 ``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
                     the loss keep their logits as Inductor does
+``prac-R+hr``,      the head-and-loss op recomputing its logits in the backward
+``headloss+hr``     (``head_loss_grad_in_forward=False``) instead of the rule's choice
 ``prac-R+allsites`` PRAC on every linear site, the output head too (``exact_heads=()``; in
                     GPT-2 the head is tied to the input embedding)
 ``random-R``        ablation: random part only (r1 = 0, k = n / r)
@@ -112,17 +114,21 @@ def _heads_only(module_path: str) -> bool:
     return prac_fx.PracConfig().is_head(module_path)
 
 
-def headloss(value: float | None = None) -> Variant:
+def headloss(value: float | None = None, recompute: bool = False) -> Variant:
     """Exact training through prac_fx: no linear site compressed, the head and the loss taken
-    by the head-and-loss pass; with ``value``, under that partitioner budget."""
+    by the head-and-loss pass; with ``value``, under that partitioner budget; ``recompute``:
+    its gradients recomputed in the backward (``head_loss_grad_in_forward=False``), not the
+    rule's choice."""
 
     def make(model):
-        backend = prac_fx.backend(site_filter=_heads_only)
+        options = {"head_loss_grad_in_forward": False} if recompute else {}
+        backend = prac_fx.backend(site_filter=_heads_only, **options)
         fn = torch.compile(model, backend=backend if value is None else _with_budget(backend, value))
         fn.prac_backend = backend
         return fn
 
-    return Variant("headloss" if value is None else f"headloss budget={value:g}", make)
+    name = "headloss" if value is None else f"headloss budget={value:g}"
+    return Variant(name + (" +hr" if recompute else ""), make)
 
 
 def budget(value: float = BUDGET) -> Variant:
@@ -159,6 +165,8 @@ def by_name(spec: str) -> Variant:
         return budget(float(spec[7:]))
     if spec == "headloss":
         return headloss()
+    if spec == "headloss+hr":
+        return headloss(recompute=True)
     if spec == "headloss+budget":
         return headloss(BUDGET)
     if spec.startswith("headloss+budget=") and _fraction(spec[16:]):
@@ -175,11 +183,11 @@ def by_name(spec: str) -> Variant:
     per_site = {e for e in extras if e.startswith("r.") and "=" in e
                 and e[2:].partition("=")[0].replace("_", "").replace(".", "").isalnum()
                 and (e.partition("=")[2] in RANKS or _fraction(e.partition("=")[2]))}
-    unknown = (set(extras) - {"allsites", "nohead", "cyc", "ek"} - timing - follow - set(budgets)
+    unknown = (set(extras) - {"allsites", "nohead", "hr", "cyc", "ek"} - timing - follow - set(budgets)
                - set(mbs) - skips - early - per_site - draw_seed)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, headloss[+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, headloss[+hr][+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+hr][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -188,6 +196,8 @@ def by_name(spec: str) -> Variant:
         options = {"exact_heads": ()} if "allsites" in extras else {}
         if "nohead" in extras:
             options["head_loss"] = False
+        if "hr" in extras:  # the head's gradients recomputed in the backward
+            options["head_loss_grad_in_forward"] = False
         if "cyc" in extras:
             options["complement"] = "cycle"
         if "ek" in extras:

@@ -3,31 +3,37 @@
 Contract
 --------
 ``LinearCrossEntropy.apply(x, weight, bias, labels, ignore_index, reduction, chunk_rows, upcast,
-return_logits)`` returns ``F.cross_entropy(logits.view(-1, V), labels.view(-1),
+return_logits, grad_in_forward=False)`` returns ``F.cross_entropy(logits.view(-1, V), labels.view(-1),
 ignore_index=ignore_index, reduction=reduction)`` with ``logits = F.linear(x, weight, bias)``
 (``.float()`` first when ``upcast``), for ``x`` of shape ``(..., n)``, ``weight`` ``(V, n)`` and
 ``labels`` with as many elements as ``x`` has rows. With ``return_logits`` it returns
-``(loss, logits)``, the logits in ``F.linear``'s shape and dtype, and a gradient flowing into the
-returned logits reaches ``x``, ``weight`` and ``bias`` exactly as through ``F.linear``.
+``(loss, logits)``, the logits in ``F.linear``'s shape and dtype; a gradient flowing into the
+returned logits reaches ``x``, ``weight`` and ``bias`` exactly as through ``F.linear`` (with
+``grad_in_forward``, once ``attach_logits_grad`` has given them their path).
 
 - **Forward:** the loss is computed ``chunk_rows`` rows at a time: per chunk the logits
-  ``(chunk_rows, V)``, their log-sum-exp and the logit of the label. Only ``x``, ``labels`` and
-  the per-row log-sum-exp ``(N,)`` are saved for backward, never an ``(N, V)`` tensor. (Where
-  the logits are returned they are computed once in full, as the caller holds them anyway; the
-  chunks are slices of them, and they are still not saved.)
-- **Backward:** per chunk the logits are recomputed from ``x``, and
-  ``grad_logits = (softmax - onehot(label)) * valid * scale`` (``scale`` is ``grad_loss /
-  valid_count`` for ``"mean"``, ``grad_loss`` for ``"sum"``; plus the incoming gradient of the
-  returned logits) is turned into
-  ``grad_x = grad_logits @ W``, ``grad_weight += grad_logits^T @ x`` and
-  ``grad_bias += grad_logits.sum(0)``: all exact.
+  ``(chunk_rows, V)``, their log-sum-exp and the logit of the label; never an ``(N, V)`` tensor
+  is kept for backward. (Where the logits are returned they are computed once in full, as the
+  caller holds them anyway; the chunks are slices of them.)
+- **Gradients, with ``grad_in_forward``:** the loss is the graph's last op, so the gradient of
+  the summed loss with respect to a chunk's logits, ``(softmax - onehot(label)) * valid``, is
+  known in the forward. Each chunk turns it into ``grad_x = g @ W``, ``grad_weight += g^T @ x``
+  (float32) and ``grad_bias += g.sum(0)`` (float32): three head matmuls in all, as Inductor's
+  graph runs. Those are saved (no ``x``, no logits); the backward multiplies them by
+  ``grad_loss / valid_count`` (``"mean"``) or ``grad_loss`` (``"sum"``). Returned logits then
+  carry no gradient path (``attach_logits_grad`` gives it back). Gradients the inputs do not
+  need are not computed, and under ``no_grad`` nothing but the loss is.
+- **Gradients, without:** ``x``, ``labels`` and the per-row log-sum-exp ``(N,)`` are saved; per
+  chunk the backward recomputes the logits from ``x``, and
+  ``grad_logits = (softmax - onehot(label)) * valid * scale`` (plus the incoming gradient of
+  the returned logits) becomes ``grad_x``, ``grad_weight`` and ``grad_bias``: a fourth matmul.
 - **ignore_index:** rows whose label equals it add nothing to the loss, the count or any
   gradient. A ``"mean"`` over a batch where every label is ignored is ``0 / 0``, NaN, as in
   eager ``F.cross_entropy``; a ``"sum"`` is 0.
 
 The input gradient depends on ``softmax(x W^T)``, a nonlinear function of ``x``: it needs the
-exact ``x`` (a compressed copy ``x P`` would bias it, arXiv 2605.01255), so this op always saves
-``x`` itself.
+exact ``x`` (a compressed copy ``x P`` would bias it, arXiv 2605.01255), so this op never
+compresses ``x``.
 
 Plain Python over torch ops with a Python loop over a static row count: AOTAutograd traces it
 into one slice per chunk, and Inductor fuses each chunk's softmax with its matmuls.

@@ -34,6 +34,12 @@ filter), ``off`` (``policy.head_loss`` is False). An output head (``policy.is_he
 reach no ``F.cross_entropy`` (a user's own loss, logits only returned) is listed too, with the
 reason ``no cross-entropy on the logits``.
 
+Gradients: computed in the forward's chunks (``head_loss_grad_in_forward``, by default when
+``chunked_ce.grad_in_forward_pays``), or recomputed in the backward. Computed in the forward,
+returned logits leave the op without a gradient path: the head input becomes an extra graph
+output after the graph's own (``state.logits_grads``) and the runner attaches the path outside
+the graph, where it costs nothing unless something differentiates through the logits.
+
 Guarantees: the loss, the returned logits and every gradient equal eager's up to float
 rounding (tests compare with ``assert_close`` in float32); every node created carries
 ``meta["example_value"]``. Runs before ``find_sites``, so the head it takes is no longer a site.
@@ -277,6 +283,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             early = False  # the runner re-attaches the logits' gradient from graph inputs
         head.grad_in_forward = early
         if early:  # the gradients it holds from forward to backward, under their own name
+            head.saved_bytes_after = 0  # no log-sum-exp: nothing of the logits is kept
             head.grad_bytes = rows * width * x_val.dtype.itemsize + vocab * width * 4
             if bias is not None:
                 head.grad_bytes += vocab * 4

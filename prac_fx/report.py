@@ -210,7 +210,9 @@ class Report:
         return [{"graph": g.index, "node": h.node, "module": h.module, "rows": h.rows,
                  "vocab": h.vocab, "reduction": h.reduction, "chunk rows": h.chunk_rows,
                  "status": h.status if h.status == "rewritten" else f"skipped: {h.reason}",
-                 "logits kept before": h.saved_bytes_before, "after": h.saved_bytes_after}
+                 "logits kept before": h.saved_bytes_before, "after": h.saved_bytes_after,
+                 "gradients": ("in forward" if h.grad_in_forward else "recomputed")
+                 if h.status == "rewritten" else "", "held": h.grad_bytes}
                 for g in self.graphs for h in g.head_losses]
 
     def budget_lines(self) -> list[str]:

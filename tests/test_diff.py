@@ -146,7 +146,8 @@ def _check_schema(report):
     assert set(saved["by_category"]) <= set(breakdown.CATEGORIES)
     assert all(set(v) == {"inductor", "prac"} for v in saved["by_category"].values())
     head_keys = {"graph", "node", "module", "rows", "vocab", "reduction", "chunk_rows",
-                 "returns_logits", "status", "reason", "saved_before", "saved_after"}
+                 "returns_logits", "status", "reason", "saved_before", "saved_after",
+                 "grad_in_forward", "grad_bytes"}
     assert all(set(h) == head_keys for h in report["heads"])
     assert set(saved["totals"]) == {"inductor", "prac", "ratio", "bases"}
     tensor_keys = {"name", "shape", "dtype", "bytes", "op", "kind", "storage", "counted", "category"}

@@ -10,6 +10,10 @@ Categories (``CATEGORIES``), decided from the partitioned aten graphs (first mat
   a vocabulary size the head-and-loss pass saw, or the output of ``_log_softmax`` /
   ``logsumexp`` or of its decomposition (``amax``, ``log``), or a ``cat`` of those (the chunked
   op's per-row log-sum-exp), or a view of one;
+- ``head gradients``: float tensors whose first dimension is a vocabulary size and last is not
+  (the head's weight and bias gradients, which the head-and-loss op computes in the forward
+  and holds until the backward; its input gradient, shaped like the head input, falls under
+  the categories below, and the head rows give the op's held bytes exactly);
 - ``linear inputs and copies``: read by a matmul in the backward (``mm``, ``addmm``: the input a
   weight gradient needs) or a compressed copy ``x @ P``;
 - ``other``: integer and boolean tensors (token ids, labels, masks);
@@ -21,7 +25,7 @@ from __future__ import annotations
 from prac_fx.diff import graph_text
 
 CATEGORIES = ("linear inputs and copies", "attention", "nonlinear inputs", "head and loss",
-              "bases", "other")
+              "head gradients", "bases", "other")
 
 _ATTENTION = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "attention_backward")
 # the cross-entropy's log-softmax (or its decomposition: row max and log of the row sum)
@@ -45,6 +49,15 @@ def _last_dim(node: graph_text.Node | None) -> int | None:
     dims = node.annotation.split("[", 1)[1].rstrip("]").split(",")
     try:
         return int(dims[-1])
+    except ValueError:
+        return None
+
+
+def _first_dim(node: graph_text.Node | None) -> int | None:
+    if node is None or "[" not in node.annotation:
+        return None
+    try:
+        return int(node.annotation.split("[", 1)[1].rstrip("]").split(",")[0])
     except ValueError:
         return None
 
@@ -82,6 +95,8 @@ def categories(forward_code: str, backward_code: str, names: list[str], bases: s
                 made_op == "cat" and made is not None and made.args
                 and all(_op(fw.get(a)) in _HEAD_OPS for a in made.args if a)):
             cat = "head and loss"
+        elif vocabs and _first_dim(node) in vocabs and node.dtype.startswith(("f", "bf")):
+            cat = "head gradients"
         elif read & _MATMUL or (made_op == "mm" and made is not None
                                 and any(a in bases for a in made.args[1:])):
             cat = "linear inputs and copies"
@@ -110,7 +125,8 @@ def head_rows(records) -> list[dict]:
     return [{"graph": i, "node": h.node, "module": h.module, "rows": h.rows, "vocab": h.vocab,
              "reduction": h.reduction, "chunk_rows": h.chunk_rows,
              "returns_logits": h.returns_logits, "status": h.status, "reason": h.reason,
-             "saved_before": h.saved_bytes_before, "saved_after": h.saved_bytes_after}
+             "saved_before": h.saved_bytes_before, "saved_after": h.saved_bytes_after,
+             "grad_in_forward": h.grad_in_forward, "grad_bytes": h.grad_bytes}
             for i, rec in enumerate(records) for h in rec.head_losses]
 
 
@@ -119,9 +135,11 @@ def head_marks(head_losses) -> dict[str, str]:
     marks = {}
     for h in head_losses:
         if h.status == "rewritten":
+            held = (f"; gradients computed in the forward, {h.grad_bytes} bytes held"
+                    if h.grad_in_forward else "; logits recomputed in the backward")
             marks[h.node] = (f"head + loss -> chunked LinearCrossEntropy ({h.chunk_rows} rows per "
                              f"chunk; logits kept for backward: {h.saved_bytes_before} -> "
-                             f"{h.saved_bytes_after} bytes)")
+                             f"{h.saved_bytes_after} bytes{held})")
         else:
             marks[h.node] = f"head + loss left as is: {h.reason}"
     return marks

@@ -63,7 +63,9 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
                  "rows": int | null, "vocab": int | null,  # head-and-loss pass looked at
                  "reduction": str, "chunk_rows": int | null, "returns_logits": bool,
                  "status": "rewritten" | "skipped", "reason": str | null,
-                 "saved_before": int, "saved_after": int}],  # logits bytes the loss keeps
+                 "saved_before": int, "saved_after": int,  # logits bytes the loss keeps
+                 "grad_in_forward": bool,           # gradients computed in the forward, and
+                 "grad_bytes": int}],               # the bytes it holds for them to backward
       "flops": {
         "sites": [{"graph": int, "module": str, "N": int, "n": int, "m": int, "r": int,
                    "exact": int, "factored": int}],   # weight-gradient matmul flops;
