@@ -54,18 +54,21 @@ def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
                    max_elements: int = MAX_CHUNK_ELEMENTS) -> int:
     """Rows per chunk so that rows x vocab stays within ``max_elements`` and, given the head's
     input ``width``, a chunk's logits are no larger than the head input itself (rows x width
-    elements) unless that takes a chunk below ``MIN_CHUNK_ROWS`` rows; at least 1 row, with the
-    rows spread evenly over the chunks (no small last chunk).
+    elements), but never below ``MIN_CHUNK_ROWS`` rows (or all rows, when fewer); at least 1
+    row, with the rows spread evenly over the chunks (no small last chunk).
 
-    The backward holds one chunk's logits and their gradient at a time, on top of everything
-    saved: sized like the head input, that transient stays small against the activations (at
-    vocab 2048 and width 256 one 16 MiB chunk raised the step peak of the bench's Llama by about 25
-    MiB against 256-row chunks). The floor keeps the weight re-reads, one per chunk, few."""
+    Each chunk holds its logits and their gradient for a moment: sized like the head input,
+    that transient stays small against the activations (at vocab 2048 and width 256 one 16 MiB
+    chunk raised the step peak of the bench's Llama by about 25 MiB against 256-row chunks).
+    Each chunk also re-reads the whole head weight in each of its matmuls, so the floor wins
+    over the element cap at large vocabularies: at vocab 128000 the cap alone gave 32-row
+    chunks, 64 of them for 2048 rows, each a thin, weight-bound matmul."""
     if rows <= 0:
         return 1
     per_chunk = max(1, max_elements // max(1, vocab))
     if width:
-        per_chunk = min(per_chunk, max(MIN_CHUNK_ROWS, rows * width // max(1, vocab)))
+        per_chunk = min(per_chunk, rows * width // max(1, vocab))
+    per_chunk = max(per_chunk, min(MIN_CHUNK_ROWS, rows))
     chunks = -(-rows // per_chunk)
     return -(-rows // chunks)
 

@@ -167,8 +167,8 @@ class PracConfig:
             the head input itself (still far less than the logits).
         head_loss_chunk_rows: rows per chunk of that op. None chooses them from the sizes, so
             that rows x vocabulary per chunk stays within 2**22 elements (16 MiB in float32) and
-            a chunk's logits are no larger than the head input, but at least 128 rows
-            (``passes.chunked_ce.chunk_rows_for``).
+            a chunk's logits are no larger than the head input, but at least 128 rows (each
+            chunk re-reads the head weight) (``passes.chunked_ce.chunk_rows_for``).
         head_loss_grad_in_forward: whether that op computes the head's gradients in the forward,
             chunk by chunk (the loss is the graph's last op, so its gradient with respect to the
             logits is known there up to the scalar the backward brings): three head matmuls in

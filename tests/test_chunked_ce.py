@@ -231,7 +231,10 @@ def test_saves_no_rows_by_vocab_tensor():
 def test_chunk_rows_bounded():
     assert chunk_rows_for(2048, 32000) * 32000 <= 1 << 22
     assert chunk_rows_for(10, 7) == 10
-    assert chunk_rows_for(5, 1 << 30) == 1
+    assert chunk_rows_for(5, 1 << 30) == 5  # fewer rows than the floor: one chunk
+    # past the element cap the floor wins: 128 rows, not 32, at vocab 128000
+    assert chunk_rows_for(2048, 128000, width=256) == 128
+    assert chunk_rows_for(4096, 1 << 30) == 128
     rows = chunk_rows_for(1000, 16384)  # spread evenly: no small last chunk
     assert -(-1000 // rows) * rows - 1000 < -(-1000 // rows)
 
