@@ -101,19 +101,16 @@ def _arg(node: torch.fx.Node, index: int, name: str, default=None):
     return node.args[index] if len(node.args) > index else default
 
 
-def _is_trained_weight(node) -> bool:
-    v = _val(node)
-    return (isinstance(node, torch.fx.Node) and node.op == "placeholder"
-            and isinstance(v, torch.Tensor) and v.requires_grad and v.dim() == 2
-            and v.is_floating_point())
-
-
 def _is_head_weight(node) -> bool:
     """A 2-D floating-point graph input: a head weight, trained or frozen (a base model under
     adapters; the op then computes no weight gradient)."""
     v = _val(node)
     return (isinstance(node, torch.fx.Node) and node.op == "placeholder"
             and isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point())
+
+
+def _is_trained_weight(node) -> bool:
+    return _is_head_weight(node) and _val(node).requires_grad
 
 
 def _is_float_cast(node: torch.fx.Node) -> bool:
