@@ -409,7 +409,8 @@ def backend(*, rank: int | float | Mapping[str, int | float] = 0.25, compiler: s
     Keyword arguments are the fields of ``PracConfig`` (``rank``, a number or per-site mapping,
     ``split``, ``refresh_every``, ``early_refits``, ``resample_every``, ``seed``,
     ``site_filter``, ``complement_scale``, ``exact_heads``, ``subspace_iters``, ``head_loss``,
-    ``head_loss_chunk_rows``, ``memory_budget``, ``complement``, ``exact_if_kept``, ``strict``);
+    ``head_loss_chunk_rows``, ``head_loss_grad_in_forward``, ``memory_budget``, ``complement``,
+    ``exact_if_kept``, ``strict``);
     ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
     debugging).
     """
