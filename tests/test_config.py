@@ -153,3 +153,13 @@ def test_strict_flag_and_its_environment_default(monkeypatch):
         PracConfig()
     with pytest.raises(ValueError, match="strict must be True or False"):
         PracConfig(strict=1)
+
+
+def test_backend_docstring_names_every_option():
+    import dataclasses
+
+    import prac_fx
+
+    doc = prac_fx.backend.__doc__
+    missing = [f.name for f in dataclasses.fields(PracConfig) if f"``{f.name}``" not in doc]
+    assert not missing, missing
