@@ -199,6 +199,18 @@ def _one_variant(spec: str, size: dict, batch: int, seq: int, dtype, device, rep
             "compile_s": compile_s - step_s, "fallbacks": fallbacks}
 
 
+def _fits(spec: str, size: dict, batch: int, seq: int, dtype, device, repeats: int) -> dict | None:
+    """``_one_variant``'s row, or None when the step ran out of memory (the cache emptied)."""
+    try:
+        return _one_variant(spec, size, batch, seq, dtype, device, repeats)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
 def memory_table(device, dry: bool, batches: list[int], clock: Clock, out: pathlib.Path) -> dict:
     sizes = DRY_SIZES if dry else GPU_SIZES
     seq = 64 if dry else 2048
@@ -210,13 +222,8 @@ def memory_table(device, dry: bool, batches: list[int], clock: Clock, out: pathl
         for candidate in batches:  # largest first: the first that Inductor fits
             if clock.left() < 60:
                 break
-            try:
-                row = _one_variant("inductor", size, candidate, seq, dtype, device, repeats)
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not _is_oom(err):
-                    raise
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            row = _fits("inductor", size, candidate, seq, dtype, device, repeats)
+            if row is None:
                 continue
             batch = candidate
             record["rows"].append({"model": label, **size, **row})
@@ -228,14 +235,8 @@ def memory_table(device, dry: bool, batches: list[int], clock: Clock, out: pathl
             if clock.left() < 45:
                 record["skipped"].append(f"{label}/{spec}: out of time")
                 continue
-            try:
-                row = _one_variant(spec, size, batch, seq, dtype, device, repeats)
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not _is_oom(err):
-                    raise
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                row = {"variant": spec, "batch": batch, "seq": seq, "error": "out of memory"}
+            row = _fits(spec, size, batch, seq, dtype, device, repeats) or \
+                {"variant": spec, "batch": batch, "seq": seq, "error": "out of memory"}
             record["rows"].append({"model": label, **size, **row})
             _write(out, "memory.json", record)  # as it goes
     base = {r["model"]: r for r in record["rows"] if r["variant"] == "inductor"}

@@ -115,6 +115,28 @@ def _unit_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
     return torch.scatter_add(grad, 1, safe.unsqueeze(1), -weights)
 
 
+def _add_chunk_grads(grads: tuple, grad_logits: torch.Tensor, xc: torch.Tensor,
+                     weight: torch.Tensor, need: tuple[bool, bool, bool],
+                     accum_dtype: torch.dtype | None = None) -> tuple:
+    """``grads`` = (grad_x parts, grad_weight, grad_bias) with one chunk's head gradients added,
+    for the gradients ``need`` asks for; the sums in ``accum_dtype`` (None: the chunk's dtype)."""
+    parts, grad_weight, grad_bias = grads
+    dtype = grad_logits.dtype
+    # grad_x = grad_logits @ W                                                 (c, n)
+    if need[0]:
+        parts.append(torch.mm(grad_logits, weight.to(dtype)))
+    # grad_weight = sum over chunks of grad_logits^T @ x                        (V, n)
+    if need[1]:
+        part = torch.mm(grad_logits.t(), xc.to(dtype))
+        part = part if accum_dtype is None else part.to(accum_dtype)
+        grad_weight = part if grad_weight is None else grad_weight + part
+    # grad_bias = sum over rows of grad_logits                                  (V,)
+    if need[2]:
+        part = (grad_logits if accum_dtype is None else grad_logits.to(accum_dtype)).sum(0)
+        grad_bias = part if grad_bias is None else grad_bias + part
+    return parts, grad_weight, grad_bias
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Exact head + cross-entropy, computed chunk by chunk; keeps no ``(N, V)`` tensor."""
 
@@ -132,7 +154,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         early = grad_in_forward and (need_x or need_w or need_b)
         full = F.linear(x2d, weight, bias) if return_logits else None  # (N, V)
         total, lses = None, []
-        grad_x_parts, grad_weight, grad_bias = [], None, None
+        grads = ([], None, None)  # grad_x parts, grad_weight, grad_bias (_add_chunk_grads)
         for start in range(0, rows, chunk_rows):
             stop = min(rows, start + chunk_rows)
             xc = x2d[start:stop]  # (c, n)
@@ -149,17 +171,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             # is (softmax - onehot) times a scalar the backward supplies (grad_loss / count for
             # "mean"), so the head's three matmuls all run here, on the chunk's logits.
             grad_logits = _unit_grad(logits, lse, labels1d[start:stop], ignore_index).to(compute_dtype)
-            # grad_x = grad_logits @ W                                             (c, n)
-            if need_x:
-                grad_x_parts.append(torch.mm(grad_logits, weight.to(compute_dtype)))
-            # grad_weight = sum over chunks of grad_logits^T @ x, float32           (V, n)
-            if need_w:
-                part_w = torch.mm(grad_logits.t(), xc.to(compute_dtype)).float()
-                grad_weight = part_w if grad_weight is None else grad_weight + part_w
-            # grad_bias = sum over rows of grad_logits, float32                     (V,)
-            if need_b:
-                part_b = grad_logits.float().sum(0)
-                grad_bias = part_b if grad_bias is None else grad_bias + part_b
+            grads = _add_chunk_grads(grads, grad_logits, xc, weight, (need_x, need_w, need_b),
+                                     torch.float32)
         lse = torch.cat(lses) if len(lses) > 1 else lses[0]  # (N,)
         count = (labels1d != ignore_index).sum()
         loss = total / count.to(total.dtype) if reduction == "mean" else total
@@ -171,6 +184,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if early:
+            grad_x_parts, grad_weight, grad_bias = grads
             grad_x = (torch.cat(grad_x_parts) if len(grad_x_parts) > 1 else grad_x_parts[0]) \
                 if need_x else None
             ctx.save_for_backward(grad_x, grad_weight, grad_bias, count)
@@ -198,8 +212,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / count.to(grad_loss.dtype) if ctx.reduction == "mean" else grad_loss
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
             ctx.has_bias and ctx.needs_input_grad[2]
-        grad_x_parts = []
-        grad_weight = grad_bias = None
+        grads = ([], None, None)
         for start in range(0, rows, ctx.chunk_rows):
             stop = min(rows, start + ctx.chunk_rows)
             xc = x2d[start:stop]  # (c, n)
@@ -212,17 +225,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_logits_out is not None:
                 grad_logits = grad_logits + grad_logits_out[start:stop].to(grad_logits.dtype)
             grad_logits = grad_logits.to(compute_dtype)
-            # grad_x = grad_logits @ W                                             (c, n)
-            if need_x:
-                grad_x_parts.append(torch.mm(grad_logits, weight.to(compute_dtype)))
-            # grad_weight = sum over chunks of grad_logits^T @ x                    (V, n)
-            if need_w:
-                part = torch.mm(grad_logits.t(), xc.to(compute_dtype))
-                grad_weight = part if grad_weight is None else grad_weight + part
-            # grad_bias = sum over rows of grad_logits                              (V,)
-            if need_b:
-                part = grad_logits.sum(0)
-                grad_bias = part if grad_bias is None else grad_bias + part
+            grads = _add_chunk_grads(grads, grad_logits, xc, weight, (need_x, need_w, need_b))
+        grad_x_parts, grad_weight, grad_bias = grads
         grad_x = None
         if need_x:
             grad_x = (torch.cat(grad_x_parts) if len(grad_x_parts) > 1 else grad_x_parts[0])

@@ -43,23 +43,27 @@ def _op(node: graph_text.Node | None) -> str:
     return op.split(".")[3] if op.startswith("torch.ops.") and op.count(".") >= 3 else op
 
 
-def _last_dim(node: graph_text.Node | None) -> int | None:
+def _dims(node: graph_text.Node | None) -> list[int | None]:
+    """The sizes a node's annotation prints (``f32[2048, 256]``); None for a symbolic size."""
     if node is None or "[" not in node.annotation:
-        return None
-    dims = node.annotation.split("[", 1)[1].rstrip("]").split(",")
-    try:
-        return int(dims[-1])
-    except ValueError:
-        return None
+        return []
+    out = []
+    for dim in node.annotation.split("[", 1)[1].rstrip("]").split(","):
+        try:
+            out.append(int(dim))
+        except ValueError:
+            out.append(None)
+    return out
+
+
+def _last_dim(node: graph_text.Node | None) -> int | None:
+    dims = _dims(node)
+    return dims[-1] if dims else None
 
 
 def _first_dim(node: graph_text.Node | None) -> int | None:
-    if node is None or "[" not in node.annotation:
-        return None
-    try:
-        return int(node.annotation.split("[", 1)[1].rstrip("]").split(",")[0])
-    except ValueError:
-        return None
+    dims = _dims(node)
+    return dims[0] if dims else None
 
 
 def categories(forward_code: str, backward_code: str, names: list[str], bases: set[str],
