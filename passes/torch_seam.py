@@ -29,7 +29,6 @@ import torch
 import torch.fx
 
 CHECKED_ON = ("2.13.0", "2.14.1", "2.15.0")
-TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
 # -- Dynamo sources (torch._dynamo.source) ---------------------------------------------------------
