@@ -3,7 +3,7 @@
 Contract
 --------
 ``LinearCrossEntropy.apply(x, weight, bias, labels, ignore_index, reduction, chunk_rows, upcast,
-return_logits, grad_in_forward=False)`` returns ``F.cross_entropy(logits.view(-1, V), labels.view(-1),
+return_logits, grad_in_forward=False, vocab_block=None)`` returns ``F.cross_entropy(logits.view(-1, V), labels.view(-1),
 ignore_index=ignore_index, reduction=reduction)`` with ``logits = F.linear(x, weight, bias)``
 (``.float()`` first when ``upcast``), for ``x`` of shape ``(..., n)``, ``weight`` ``(V, n)`` and
 ``labels`` with as many elements as ``x`` has rows. With ``return_logits`` it returns
@@ -22,7 +22,11 @@ returned logits reaches ``x``, ``weight`` and ``bias`` exactly as through ``F.li
   graph runs. Those are saved (no ``x``, no logits); the backward multiplies them by
   ``grad_loss / valid_count`` (``"mean"``) or ``grad_loss`` (``"sum"``). Returned logits then
   carry no gradient path (``attach_logits_grad`` gives it back). Gradients the inputs do not
-  need are not computed, and under ``no_grad`` nothing but the loss is.
+  need are not computed, and under ``no_grad`` nothing but the loss is. Where the logits are
+  returned, and so held in full anyway, the gradients come instead from a pass over
+  ``vocab_block`` columns of them at a time (None: ``vocab_block_for``): ``g_j = (softmax -
+  onehot)[:, j]``, ``grad_weight[j] = g_j^T x``, ``grad_x += g_j W[j]``, so the pass's
+  temporaries are one (N, block) tensor, not a row chunk of the whole vocabulary.
 - **Gradients, without:** ``x``, ``labels`` and the per-row log-sum-exp ``(N,)`` are saved; per
   chunk the backward recomputes the logits from ``x``, and
   ``grad_logits = (softmax - onehot(label)) * valid * scale`` (plus the incoming gradient of
@@ -48,6 +52,7 @@ from prac_fx.passes import torch_seam
 REDUCTIONS = ("mean", "sum")
 MAX_CHUNK_ELEMENTS = 1 << 22  # rows x vocab per chunk: 16 MiB of float32 logits
 MIN_CHUNK_ROWS = 128  # below this a chunk's matmul re-reads the head weight for too few rows
+MIN_VOCAB_BLOCK = 1024  # columns: below this a block's matmuls get too thin
 
 
 def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
@@ -71,6 +76,17 @@ def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
     per_chunk = max(per_chunk, min(MIN_CHUNK_ROWS, rows))
     chunks = -(-rows // per_chunk)
     return -(-rows // chunks)
+
+
+def vocab_block_for(rows: int, vocab: int, max_elements: int = MAX_CHUNK_ELEMENTS) -> int:
+    """Columns per vocabulary block of the gradient pass over returned logits: rows x block
+    within ``max_elements``, never below ``MIN_VOCAB_BLOCK`` columns (or the whole vocabulary,
+    when smaller), with the columns spread evenly over the blocks (no thin last block)."""
+    if vocab <= 0:
+        return 1
+    per_block = max(max_elements // max(1, rows), min(MIN_VOCAB_BLOCK, vocab))
+    blocks = -(-vocab // per_block)
+    return -(-vocab // blocks)
 
 
 def grad_in_forward_pays(rows: int, vocab: int, width: int | None, weight_grad: bool) -> bool:
@@ -115,6 +131,50 @@ def _unit_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
     return torch.scatter_add(grad, 1, safe.unsqueeze(1), -weights)
 
 
+def _block_grads(full: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                 x2d: torch.Tensor, weight: torch.Tensor, need: tuple[bool, bool, bool],
+                 upcast: bool, block: int) -> tuple:
+    """The head gradients for a loss gradient of 1 per valid row, from logits already held in
+    full (N, V): a pass over vocabulary blocks of ``block`` columns, each
+    ``g_j = (softmax - onehot)[:, j]`` (N, block) turned into ``grad_weight[j] = g_j^T x``,
+    ``grad_bias[j] = g_j.sum(0)`` and ``grad_x += g_j W[j]``. Its temporaries are one block,
+    not a row chunk of the whole vocabulary. Returns (grad_x in the logits' dtype, summed in
+    float32; grad_weight and grad_bias in float32), None where ``need`` says no."""
+    vocab = full.shape[1]
+    valid = labels != ignore_index
+    rows_w = valid.to(torch.float32).unsqueeze(1)  # (N, 1): 1 on valid rows, 0 on ignored ones
+    lse_col = lse.float().unsqueeze(1)  # (N, 1)
+    compute_dtype = full.dtype
+    grad_x, w_parts, b_parts = None, [], []
+    prev = None  # one element of the previous block's matmul output
+    for start in range(0, vocab, block):
+        stop = min(vocab, start + block)
+        logits = full[:, start:stop].float()  # (N, b)
+        cols = torch.arange(start, stop, device=full.device)
+        onehot = (labels.unsqueeze(1) == cols.unsqueeze(0)).to(torch.float32)  # fused, not held
+        # Every block reads the same logits and log-sum-exp, and nothing else orders them, so
+        # Inductor fuses all blocks' pointwise work into one kernel that writes every g_j at
+        # once: the whole (N, V) again. Adding 0 times an element of the previous block's
+        # matmul (finite whenever the logits are) makes each block wait for the one before,
+        # and its buffer is reused.
+        shift = lse_col if prev is None else lse_col + prev * 0.0
+        g = ((torch.exp(logits - shift) - onehot) * rows_w)  # (N, b)
+        g = g.to(compute_dtype)
+        if need[0]:  # grad_x += g_j @ W[j]                                     (N, n)
+            part = torch.mm(g, weight[start:stop].to(g.dtype)).float()
+            grad_x = part if grad_x is None else grad_x + part
+        if need[1]:  # grad_weight[j] = g_j^T @ x                               (b, n)
+            w_parts.append(torch.mm(g.t(), x2d.to(g.dtype)).float())
+        if need[2]:  # grad_bias[j] = column sums of g_j                         (b,)
+            b_parts.append(g.float().sum(0))
+        last = grad_x if need[0] else w_parts[-1] if need[1] else b_parts[-1]
+        prev = last.reshape(-1)[:1].float()
+    grad_x = grad_x.to(compute_dtype) if grad_x is not None else None
+    grad_weight = (torch.cat(w_parts) if len(w_parts) > 1 else w_parts[0]) if need[1] else None
+    grad_bias = (torch.cat(b_parts) if len(b_parts) > 1 else b_parts[0]) if need[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
 def _add_chunk_grads(grads: tuple, grad_logits: torch.Tensor, xc: torch.Tensor,
                      weight: torch.Tensor, need: tuple[bool, bool, bool],
                      accum_dtype: torch.dtype | None = None) -> tuple:
@@ -142,7 +202,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, labels, ignore_index, reduction, chunk_rows, upcast,
-                return_logits, grad_in_forward=False):
+                return_logits, grad_in_forward=False, vocab_block=None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         n = x.shape[-1]
@@ -165,7 +225,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             part, lse = _chunk_loss(logits, labels1d[start:stop], ignore_index)
             total = part if total is None else total + part
             lses.append(lse)
-            if not early:
+            if not early or full is not None:
                 continue
             # The loss is the graph's last op: its gradient with respect to this chunk's logits
             # is (softmax - onehot) times a scalar the backward supplies (grad_loss / count for
@@ -174,6 +234,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             grads = _add_chunk_grads(grads, grad_logits, xc, weight, (need_x, need_w, need_b),
                                      torch.float32)
         lse = torch.cat(lses) if len(lses) > 1 else lses[0]  # (N,)
+        if early and full is not None:
+            # the logits are held in full for the caller: the gradients come from a pass over
+            # vocabulary blocks of them, whose temporaries are a block, not a chunk of rows
+            grad_x, grad_weight, grad_bias = _block_grads(
+                full, lse, labels1d, ignore_index, x2d, weight, (need_x, need_w, need_b),
+                upcast, vocab_block or vocab_block_for(rows, full.shape[1]))
+            grads = ([grad_x] if grad_x is not None else [], grad_weight, grad_bias)
         count = (labels1d != ignore_index).sum()
         loss = total / count.to(total.dtype) if reduction == "mean" else total
 
@@ -235,7 +302,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
     @staticmethod
     def _backward_early(ctx, grad_loss):
@@ -259,7 +326,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_bias = (grad_bias * scale.float()).to(ctx.bias_dtype)
         else:
             grad_bias = None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 class _LogitsGrad(torch.autograd.Function):

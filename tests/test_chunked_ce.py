@@ -116,6 +116,42 @@ def test_grad_in_forward_returns_logits_without_a_path_until_attached():
     assert not [e for e in prof.events() if "_LogitsGrad" in e.name]
 
 
+@pytest.mark.parametrize("block", [1, 5, 16, 37, 100])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grad_in_forward_over_vocabulary_blocks_of_returned_logits(block, reduction, bias):
+    """Returned logits are held in full, so the forward's gradients come from a pass over
+    vocabulary blocks of them: exact for any block width, a last block narrower than the
+    others, ignored rows, mean and sum, an incoming gradient other than 1."""
+    from prac_fx.passes.chunked_ce import attach_logits_grad
+
+    x, w, b, labels = _inputs((3, 7), bias, ignore_rows=(0, 4, 11))
+    labels[5] = VOCAB - 1  # a label in the last block
+    ref_leaves, leaves = _leaves(x, w, b), _leaves(x, w, b)
+    ref_loss, ref_logits = _eager(*ref_leaves, labels, reduction)
+    loss, logits = LinearCrossEntropy.apply(*leaves, labels, -100, reduction, 8, True, True,
+                                            True, block)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(attach_logits_grad(logits, *leaves), ref_logits)
+    scale = torch.tensor(0.75)
+    got = [g for g in torch.autograd.grad(loss, [t for t in leaves if t is not None], scale)]
+    exp = [g for g in torch.autograd.grad(ref_loss, [t for t in ref_leaves if t is not None], scale)]
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e)
+
+
+def test_vocab_block_bounded():
+    from prac_fx.passes.chunked_ce import MAX_CHUNK_ELEMENTS, MIN_VOCAB_BLOCK, vocab_block_for
+
+    block = vocab_block_for(512, 150000)  # 512 rows: 8192 columns fit the cap, 19 blocks
+    blocks = -(-150000 // block)
+    assert block * 512 <= MAX_CHUNK_ELEMENTS and blocks == 19
+    assert 150000 - (blocks - 1) * block >= block - blocks  # spread evenly: no thin last block
+    many = vocab_block_for(1 << 20, 150000)  # many rows: the floor, give or take the spreading
+    assert MIN_VOCAB_BLOCK * 0.99 <= many <= MIN_VOCAB_BLOCK
+    assert vocab_block_for(16, 37) == 37  # a vocabulary below the floor: one block
+
+
 @pytest.mark.parametrize("scale", [3.5, 0.125])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_grad_in_forward_scales_by_the_incoming_gradient(scale, reduction):
