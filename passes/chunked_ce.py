@@ -14,7 +14,7 @@ returned logits reaches ``x``, ``weight`` and ``bias`` exactly as through ``F.li
 - **Forward:** the loss is computed ``chunk_rows`` rows at a time: per chunk the logits
   ``(chunk_rows, V)``, their log-sum-exp and the logit of the label; never an ``(N, V)`` tensor
   is kept for backward. (Where the logits are returned they are computed once in full, as the
-  caller holds them anyway; the chunks are slices of them.)
+  caller holds them anyway, and the loss is one pass over all their rows.)
 - **Gradients, with ``grad_in_forward``:** the loss is the graph's last op, so the gradient of
   the summed loss with respect to a chunk's logits, ``(softmax - onehot(label)) * valid``, is
   known in the forward. Each chunk turns it into ``grad_x = g @ W``, ``grad_weight += g^T @ x``
@@ -215,8 +215,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         full = F.linear(x2d, weight, bias) if return_logits else None  # (N, V)
         total, lses = None, []
         grads = ([], None, None)  # grad_x parts, grad_weight, grad_bias (_add_chunk_grads)
-        for start in range(0, rows, chunk_rows):
-            stop = min(rows, start + chunk_rows)
+        # Returned logits are held in full anyway: one pass over all rows (Inductor fuses it
+        # into one reduction; a loop of row slices would only lengthen the compile).
+        step = rows if full is not None else chunk_rows
+        for start in range(0, rows, max(1, step)):
+            stop = min(rows, start + step)
             xc = x2d[start:stop]  # (c, n)
             logits = full[start:stop] if full is not None else F.linear(xc, weight, bias)
             compute_dtype = logits.dtype
