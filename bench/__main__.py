@@ -89,6 +89,9 @@ def parse(argv):
         p.add_argument("--variants", default="prac-n/4,prac-n/4+S=1,prac-n/4+S=2")
         p.add_argument("--steps", type=int, default=100, help="training steps before measuring")
         p.add_argument("--draws", type=int, default=16, help="draws of the random part per site")
+        p.add_argument("--window", type=int, default=0,
+                       help="also the error of the gradient summed over this many calls at fixed "
+                            "weights, next to the per-step error over them (0: not measured)")
     elif command == "gpu":
         p.add_argument("--out", required=True, help="folder for the JSON records and summary.md")
         p.add_argument("--dry", action="store_true",
@@ -262,7 +265,7 @@ def variance(args) -> int:
     from bench.harness import machine
 
     torch.set_num_threads(args.threads)
-    rows = [var.measure_variant(m, v, steps=args.steps, draws=args.draws)
+    rows = [var.measure_variant(m, v, steps=args.steps, draws=args.draws, window=args.window)
             for m in _names(args.models) for v in _names(args.variants)]
     print(f"{machine()}, {args.threads} thread(s), float32; models 4 x 256, batch 8, seq 256, "
           f"seed 0; {args.draws} draws per site, measured on one held-out Shakespeare batch")

@@ -13,6 +13,19 @@ batch the relative variance ``sum E||G^ - G||^2 / sum ||G||^2`` over the compres
 
 ``draws`` independent draws of the random part per site; the identity's value is printed next
 to the sampled one as a check.
+
+What the optimizer sees (``window`` > 0): at the same fixed weights, the compiled variant and
+the exact model each take the gradient on ``window`` consecutive training batches, the variant's
+bases and draws moving from call to call as in training (the optimizer does not step). Over the
+compressed weights:
+
+- ``window``: ``||sum_t (G^_t - G_t)||^2 / ||sum_t G_t||^2``, the error of the gradient summed
+  over a window of about Adam's horizon;
+- ``per-step``: ``sum_t ||G^_t - G_t||^2 / sum_t ||G_t||^2`` over the same calls, the realised
+  per-step relative error.
+
+Errors independent from step to step shrink in the sum (the window figure falls below the
+per-step one by up to the window's length); errors that persist, as a held draw's do, stay.
 """
 from __future__ import annotations
 
@@ -35,6 +48,9 @@ class VarianceRow:
     batch: float
     running: float | None
     median_site_state: float
+    window: float | None = None
+    per_step: float | None = None
+    window_steps: int = 0
 
 
 def _backend(fn):
@@ -44,9 +60,46 @@ def _backend(fn):
     return backend
 
 
+def window_error(fn, model: torch.nn.Module, backend, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(window, per-step) relative error of the compressed weights' gradients over ``batches``
+    at the model's current weights (see the module docstring); ``fn`` is the compiled variant,
+    ``model`` its exact, uncompiled self. Leaves every ``.grad`` as it found it."""
+    weights = [s.weight for _, sites in pv._rewritten_groups(backend) for s in sites]
+    names = sorted({w for w in weights if weights.count(w) == 1})
+    params = dict(model.named_parameters())
+    saved = {name: p.grad for name, p in params.items()}
+
+    def grads(run) -> dict[str, torch.Tensor]:
+        for p in params.values():
+            p.grad = None
+        run().backward()
+        return {n: params[n].grad.detach().double().clone() for n in names
+                if params[n].grad is not None}
+
+    sum_hat, sum_exact, err_sq, norm_sq = {}, {}, 0.0, 0.0
+    try:
+        for ids in batches:
+            hat = grads(lambda: fn(ids, labels=ids).loss)
+            exact = grads(lambda: model(ids, labels=ids).loss)
+            for n in exact:
+                if n not in hat:
+                    continue
+                sum_hat[n] = sum_hat.get(n, 0) + hat[n]
+                sum_exact[n] = sum_exact.get(n, 0) + exact[n]
+                err_sq += (hat[n] - exact[n]).square().sum().item()
+                norm_sq += exact[n].square().sum().item()
+    finally:
+        for name, p in params.items():
+            p.grad = saved[name]
+    window_num = sum((sum_hat[n] - sum_exact[n]).square().sum().item() for n in sum_exact)
+    window_den = sum(sum_exact[n].square().sum().item() for n in sum_exact)
+    return (window_num / window_den if window_den else 0.0, err_sq / norm_sq if norm_sq else 0.0)
+
+
 def measure_variant(model_name: str, variant: str, *, steps: int, draws: int, layers: int = 4,
                     width: int = 256, seq: int = 256, batch: int = 8, vocab: int = 2048,
-                    seed: int = 0, data_seed: int = 1, lr: float = 1e-3) -> VarianceRow:
+                    seed: int = 0, data_seed: int = 1, lr: float = 1e-3,
+                    window: int = 0) -> VarianceRow:
     tokens = data.shakespeare(vocab)
     stream = data.Batches(tokens["train"], batch, seq, data_seed)
     held_out = data.eval_batches(tokens["val"], batch, seq, 1)[0]
@@ -67,8 +120,13 @@ def measure_variant(model_name: str, variant: str, *, steps: int, draws: int, la
     state = pv.measure(backend, model, loss, fit="state", draws=draws)
     fitted = pv.measure(backend, model, loss, fit="batch", draws=draws)
     per_site = sorted(r.relative for r in state)
-    return VarianceRow(model_name, variant, steps, pv.total(state), pv.total(state, "identity"),
-                       pv.total(fitted), running, per_site[len(per_site) // 2] if per_site else 0.0)
+    row = VarianceRow(model_name, variant, steps, pv.total(state), pv.total(state, "identity"),
+                      pv.total(fitted), running, per_site[len(per_site) // 2] if per_site else 0.0)
+    if window > 0:  # the next training batches, at the weights training left
+        row.window, row.per_step = window_error(fn, model, backend,
+                                                [stream.next() for _ in range(window)])
+        row.window_steps = window
+    return row
 
 
 def table(rows: list[VarianceRow], markdown: bool = False) -> str:
@@ -78,4 +136,9 @@ def table(rows: list[VarianceRow], markdown: bool = False) -> str:
              r.median_site_state] for r in rows]
     headers = ["model", "variant", "trained steps", "rel. var (state)", "identity", "rel. var (Q1 fit to batch)",
                "running estimate", "median site (state)"]
+    if any(r.window_steps for r in rows):
+        for line, r in zip(body, rows):
+            line += [r.per_step, r.window]
+        steps = max(r.window_steps for r in rows)
+        headers += [f"per-step error ({steps} calls)", f"window error ({steps} calls)"]
     return tabulate(body, headers=headers, tablefmt="github" if markdown else "simple", floatfmt=".3f")

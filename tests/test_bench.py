@@ -350,3 +350,32 @@ def test_gpu_script_dry_run_writes_every_record(tmp_path):
     assert math.isfinite(records["convergence.json"]["ppl_gap"])
     summary = (out / "summary.md").read_text()
     assert "Memory and step" in summary and "Convergence" in summary
+
+
+def test_window_error_sees_which_errors_persist():
+    """bench variance --window: at fixed weights, the error of the summed gradient over a few
+    calls. On one batch seen six times (a gradient that persists, as a trained model's does
+    from batch to batch), a held draw's error persists too: the window error equals the
+    per-step one. A draw renewed every call gives independent errors that shrink in the sum
+    (about 1/6). The exact model scores 0 on both."""
+    from bench import variance as var
+    from prac_fx.diff import models
+
+    torch.manual_seed(0)
+    model = models.build("llama", layers=1, width=64, seq=32, vocab=128)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 32), generator=g)] * 6
+    ratios = {}
+    for name in ("prac-n/4", "resample1-n/4"):
+        torch._dynamo.reset()
+        fn = variants.by_name(name).make(model)
+        fn(batches[0], labels=batches[0]).loss.backward()  # the backend learns its sites
+        model.zero_grad(set_to_none=True)
+        window, per_step = var.window_error(fn, model, fn.prac_backend, batches)
+        assert window > 0 and per_step > 0
+        assert all(p.grad is None for p in model.parameters())  # left as found
+        ratios[name] = window / per_step
+        exact = var.window_error(model, model, fn.prac_backend, batches)
+        assert exact[0] < 1e-12 and exact[1] < 1e-12
+    assert ratios["prac-n/4"] == pytest.approx(1.0, rel=1e-3), ratios
+    assert ratios["resample1-n/4"] < 0.5, ratios
