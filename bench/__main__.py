@@ -92,6 +92,9 @@ def parse(argv):
         p.add_argument("--window", type=int, default=0,
                        help="also the error of the gradient summed over this many calls at fixed "
                             "weights, next to the per-step error over them (0: not measured)")
+        p.add_argument("--bias-calls", type=int, default=0,
+                       help="also check unbiasedness: this many calls on the held-out batch at "
+                            "fixed weights, for variants with T2=1 (0: not checked)")
     elif command == "gpu":
         p.add_argument("--out", required=True, help="folder for the JSON records and summary.md")
         p.add_argument("--dry", action="store_true",
@@ -265,7 +268,8 @@ def variance(args) -> int:
     from bench.harness import machine
 
     torch.set_num_threads(args.threads)
-    rows = [var.measure_variant(m, v, steps=args.steps, draws=args.draws, window=args.window)
+    rows = [var.measure_variant(m, v, steps=args.steps, draws=args.draws, window=args.window,
+                                bias_calls=args.bias_calls)
             for m in _names(args.models) for v in _names(args.variants)]
     print(f"{machine()}, {args.threads} thread(s), float32; models 4 x 256, batch 8, seq 256, "
           f"seed 0; {args.draws} draws per site, measured on one held-out Shakespeare batch")

@@ -14,6 +14,11 @@ batch the relative variance ``sum E||G^ - G||^2 / sum ||G||^2`` over the compres
 ``draws`` independent draws of the random part per site; the identity's value is printed next
 to the sampled one as a check.
 
+Unbiasedness (``bias_calls`` > 0, for variants whose draw is renewed every call, ``+T2=1``):
+per compressed weight, ``z = ||sum_t (G^_t - G)||^2 / sum_t ||G^_t - G||^2`` over
+``bias_calls`` calls on the held-out batch at fixed weights (``bias_check``): about 1 for an
+unbiased estimate, about ``bias_calls`` for one whose error is all bias.
+
 What the optimizer sees (``window`` > 0): at the same fixed weights, the compiled variant and
 the exact model each take the gradient on ``window`` consecutive training batches, the variant's
 bases and draws moving from call to call as in training (the optimizer does not step). Over the
@@ -51,6 +56,9 @@ class VarianceRow:
     window: float | None = None
     per_step: float | None = None
     window_steps: int = 0
+    bias_z_median: float | None = None
+    bias_z_max: float | None = None
+    bias_calls: int = 0
 
 
 def _backend(fn):
@@ -60,10 +68,13 @@ def _backend(fn):
     return backend
 
 
-def window_error(fn, model: torch.nn.Module, backend, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """(window, per-step) relative error of the compressed weights' gradients over ``batches``
-    at the model's current weights (see the module docstring); ``fn`` is the compiled variant,
-    ``model`` its exact, uncompiled self. Leaves every ``.grad`` as it found it."""
+def window_terms(fn, model: torch.nn.Module, backend,
+                 batches: list[torch.Tensor]) -> dict[str, tuple[float, float, float, float]]:
+    """Per compressed weight, ``(||sum_t (G^_t - G_t)||^2, ||sum_t G_t||^2, sum_t ||G^_t -
+    G_t||^2, sum_t ||G_t||^2)`` over ``batches`` at the model's current weights; ``fn`` is the
+    compiled variant (its bases and draws moving from call to call as in training), ``model``
+    its exact, uncompiled self. Weights that serve several sites are left out (their ``.grad``
+    is not one site's). Leaves every ``.grad`` as it found it."""
     weights = [s.weight for _, sites in pv._rewritten_groups(backend) for s in sites]
     names = sorted({w for w in weights if weights.count(w) == 1})
     params = dict(model.named_parameters())
@@ -76,30 +87,48 @@ def window_error(fn, model: torch.nn.Module, backend, batches: list[torch.Tensor
         return {n: params[n].grad.detach().double().clone() for n in names
                 if params[n].grad is not None}
 
-    sum_hat, sum_exact, err_sq, norm_sq = {}, {}, 0.0, 0.0
+    sum_hat, sum_exact, err_sq, norm_sq = {}, {}, {}, {}
     try:
         for ids in batches:
             hat = grads(lambda: fn(ids, labels=ids).loss)
             exact = grads(lambda: model(ids, labels=ids).loss)
-            for n in exact:
-                if n not in hat:
-                    continue
+            for n in exact.keys() & hat.keys():
                 sum_hat[n] = sum_hat.get(n, 0) + hat[n]
                 sum_exact[n] = sum_exact.get(n, 0) + exact[n]
-                err_sq += (hat[n] - exact[n]).square().sum().item()
-                norm_sq += exact[n].square().sum().item()
+                err_sq[n] = err_sq.get(n, 0.0) + (hat[n] - exact[n]).square().sum().item()
+                norm_sq[n] = norm_sq.get(n, 0.0) + exact[n].square().sum().item()
     finally:
         for name, p in params.items():
             p.grad = saved[name]
-    window_num = sum((sum_hat[n] - sum_exact[n]).square().sum().item() for n in sum_exact)
-    window_den = sum(sum_exact[n].square().sum().item() for n in sum_exact)
-    return (window_num / window_den if window_den else 0.0, err_sq / norm_sq if norm_sq else 0.0)
+    return {n: ((sum_hat[n] - sum_exact[n]).square().sum().item(),
+                sum_exact[n].square().sum().item(), err_sq[n], norm_sq[n]) for n in sorted(sum_exact)}
+
+
+def window_error(fn, model: torch.nn.Module, backend, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(window, per-step) relative error of the compressed weights' gradients over ``batches``
+    at the model's current weights (see the module docstring and ``window_terms``)."""
+    terms = list(window_terms(fn, model, backend, batches).values())
+    ratio = lambda num, den: num / den if den else 0.0  # noqa: E731
+    return (ratio(sum(t[0] for t in terms), sum(t[1] for t in terms)),
+            ratio(sum(t[2] for t in terms), sum(t[3] for t in terms)))
+
+
+def bias_check(fn, model: torch.nn.Module, backend, batch: torch.Tensor,
+               calls: int) -> dict[str, float]:
+    """Per compressed weight, ``z = calls * ||mean G^ - G||^2 / mean ||G^ - G||^2`` over
+    ``calls`` calls on one ``batch`` at fixed weights, for a variant whose draw is renewed every
+    call. Unbiased and independent draws give E[z] = 1 whatever ``calls`` is; a bias (say a
+    group whose basis or draw another group shifts) makes z grow in proportion to ``calls``."""
+    out = {}
+    for name, (win, _, step, _) in window_terms(fn, model, backend, [batch] * calls).items():
+        out[name] = win / step if step else 0.0  # = calls ||mean - G||^2 / mean ||G^ - G||^2
+    return out
 
 
 def measure_variant(model_name: str, variant: str, *, steps: int, draws: int, layers: int = 4,
                     width: int = 256, seq: int = 256, batch: int = 8, vocab: int = 2048,
                     seed: int = 0, data_seed: int = 1, lr: float = 1e-3,
-                    window: int = 0) -> VarianceRow:
+                    window: int = 0, bias_calls: int = 0) -> VarianceRow:
     tokens = data.shakespeare(vocab)
     stream = data.Batches(tokens["train"], batch, seq, data_seed)
     held_out = data.eval_batches(tokens["val"], batch, seq, 1)[0]
@@ -126,6 +155,10 @@ def measure_variant(model_name: str, variant: str, *, steps: int, draws: int, la
         row.window, row.per_step = window_error(fn, model, backend,
                                                 [stream.next() for _ in range(window)])
         row.window_steps = window
+    if bias_calls > 0:  # the held-out batch, seen bias_calls times at the same weights
+        z = sorted(bias_check(fn, model, backend, held_out, bias_calls).values())
+        row.bias_z_median, row.bias_z_max = z[len(z) // 2], z[-1]
+        row.bias_calls = bias_calls
     return row
 
 
@@ -141,4 +174,9 @@ def table(rows: list[VarianceRow], markdown: bool = False) -> str:
             line += [r.per_step, r.window]
         steps = max(r.window_steps for r in rows)
         headers += [f"per-step error ({steps} calls)", f"window error ({steps} calls)"]
+    if any(r.bias_calls for r in rows):
+        for line, r in zip(body, rows):
+            line += [r.bias_z_median, r.bias_z_max]
+        calls = max(r.bias_calls for r in rows)
+        headers += [f"bias z, median site ({calls} calls)", "bias z, largest"]
     return tabulate(body, headers=headers, tablefmt="github" if markdown else "simple", floatfmt=".3f")

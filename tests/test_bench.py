@@ -352,7 +352,7 @@ def test_gpu_script_dry_run_writes_every_record(tmp_path):
     assert "Memory and step" in summary and "Convergence" in summary
 
 
-def test_window_error_sees_which_errors_persist():
+def test_window_error_and_bias_check():
     """bench variance --window: at fixed weights, the error of the summed gradient over a few
     calls. On one batch seen six times (a gradient that persists, as a trained model's does
     from batch to batch), a held draw's error persists too: the window error equals the
@@ -377,5 +377,15 @@ def test_window_error_sees_which_errors_persist():
         ratios[name] = window / per_step
         exact = var.window_error(model, model, fn.prac_backend, batches)
         assert exact[0] < 1e-12 and exact[1] < 1e-12
+        if name == "resample1-n/4":  # bias_check: z about 1 for unbiased, independent draws
+            z = var.bias_check(fn, model, fn.prac_backend, batches[0], 8)
+            assert z and all(0.3 < v < 2.5 for v in z.values()), z
     assert ratios["prac-n/4"] == pytest.approx(1.0, rel=1e-3), ratios
     assert ratios["resample1-n/4"] < 0.5, ratios
+    # and a biased estimate (the principal part alone) scores about the number of calls
+    torch._dynamo.reset()
+    fn = variants.by_name("principal-n/4").make(model)
+    fn(batches[0], labels=batches[0]).loss.backward()
+    model.zero_grad(set_to_none=True)
+    z = var.bias_check(fn, model, fn.prac_backend, batches[0], 8)
+    assert z and all(v > 7.5 for v in z.values()), z
