@@ -53,6 +53,7 @@ REDUCTIONS = ("mean", "sum")
 MAX_CHUNK_ELEMENTS = 1 << 22  # rows x vocab per chunk: 16 MiB of float32 logits
 MIN_CHUNK_ROWS = 128  # below this a chunk's matmul re-reads the head weight for too few rows
 MIN_VOCAB_BLOCK = 1024  # columns: below this a block's matmuls get too thin
+MAX_VOCAB_BLOCKS = 16  # the pass is unrolled into the graph: more blocks, a longer compile
 
 
 def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
@@ -80,11 +81,14 @@ def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
 
 def vocab_block_for(rows: int, vocab: int, max_elements: int = MAX_CHUNK_ELEMENTS) -> int:
     """Columns per vocabulary block of the gradient pass over returned logits: rows x block
-    within ``max_elements``, never below ``MIN_VOCAB_BLOCK`` columns (or the whole vocabulary,
-    when smaller), with the columns spread evenly over the blocks (no thin last block)."""
+    within ``max_elements``, but no more than ``MAX_VOCAB_BLOCKS`` blocks (each block's temporary
+    is then at most a sixteenth of the logits the caller holds anyway) and never below
+    ``MIN_VOCAB_BLOCK`` columns (or the whole vocabulary, when smaller), with the columns spread
+    evenly over the blocks (no thin last block)."""
     if vocab <= 0:
         return 1
-    per_block = max(max_elements // max(1, rows), min(MIN_VOCAB_BLOCK, vocab))
+    per_block = max(max_elements // max(1, rows), min(MIN_VOCAB_BLOCK, vocab),
+                    -(-vocab // MAX_VOCAB_BLOCKS))
     blocks = -(-vocab // per_block)
     return -(-vocab // blocks)
 

@@ -141,14 +141,19 @@ def test_grad_in_forward_over_vocabulary_blocks_of_returned_logits(block, reduct
 
 
 def test_vocab_block_bounded():
-    from prac_fx.passes.chunked_ce import MAX_CHUNK_ELEMENTS, MIN_VOCAB_BLOCK, vocab_block_for
+    from prac_fx.passes.chunked_ce import (MAX_CHUNK_ELEMENTS, MAX_VOCAB_BLOCKS, MIN_VOCAB_BLOCK,
+                                           vocab_block_for)
 
-    block = vocab_block_for(512, 150000)  # 512 rows: 8192 columns fit the cap, 19 blocks
+    block = vocab_block_for(512, 80000)  # 512 rows: 8192 columns fit the cap, 10 blocks
+    assert block * 512 <= MAX_CHUNK_ELEMENTS and -(-80000 // block) == 10
+    block = vocab_block_for(512, 150000)  # 19 blocks would fit the cap: 16, for the compile
     blocks = -(-150000 // block)
-    assert block * 512 <= MAX_CHUNK_ELEMENTS and blocks == 19
+    assert blocks == MAX_VOCAB_BLOCKS
     assert 150000 - (blocks - 1) * block >= block - blocks  # spread evenly: no thin last block
-    many = vocab_block_for(1 << 20, 150000)  # many rows: the floor, give or take the spreading
-    assert MIN_VOCAB_BLOCK * 0.99 <= many <= MIN_VOCAB_BLOCK
+    many = vocab_block_for(1 << 20, 10000)  # many rows: the floor, spread over its 10 blocks
+    assert many <= MIN_VOCAB_BLOCK and -(-10000 // many) == -(-10000 // MIN_VOCAB_BLOCK)
+    assert -(-150000 // vocab_block_for(1 << 20, 150000)) == MAX_VOCAB_BLOCKS  # the compile
+    assert -(-128000 // vocab_block_for(2048, 128000)) == MAX_VOCAB_BLOCKS
     assert vocab_block_for(16, 37) == 37  # a vocabulary below the floor: one block
 
 
