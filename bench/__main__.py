@@ -268,9 +268,12 @@ def variance(args) -> int:
     from bench.harness import machine
 
     torch.set_num_threads(args.threads)
-    rows = [var.measure_variant(m, v, steps=args.steps, draws=args.draws, window=args.window,
-                                bias_calls=args.bias_calls)
-            for m in _names(args.models) for v in _names(args.variants)]
+    rows = []
+    for m in _names(args.models):
+        for v in _names(args.variants):
+            rows.append(var.measure_variant(m, v, steps=args.steps, draws=args.draws,
+                                            window=args.window, bias_calls=args.bias_calls))
+            print(f"{m}/{v}: {dataclasses.asdict(rows[-1])}", file=sys.stderr, flush=True)
     print(f"{machine()}, {args.threads} thread(s), float32; models 4 x 256, batch 8, seq 256, "
           f"seed 0; {args.draws} draws per site, measured on one held-out Shakespeare batch")
     print(var.table(rows, markdown=args.markdown))
