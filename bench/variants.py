@@ -39,6 +39,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 ``prac-R+ps=N``     PRAC drawing its random parts from seed N (``seed``; default 0). The
                     convergence runs' ``--seeds`` set the weights' initialisation only, so
                     without it every seed of a variant meets the same sequence of draws
+``prac-R+sp=f``     PRAC with the principal part's share of the rank set to f (``split``;
+                    default 0.5, the paper's r1 = r2)
 ``prac-R+skip=W``   ablation: PRAC leaving exact every site whose module path contains W
                     (``skip=attn``: only the MLPs compressed; ``skip=mlp``: only attention)
 ``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
@@ -177,6 +179,7 @@ def by_name(spec: str) -> Variant:
     follow = {e for e in extras if e.startswith("S=") and e[2:].isdigit()}
     early = {e for e in extras if e.startswith("E=") and e[2:].isdigit()}
     draw_seed = {e for e in extras if e.startswith("ps=") and e[3:].isdigit()}
+    splits = {e for e in extras if e.startswith("sp=") and _fraction(e[3:])}
     budgets = [e for e in extras if e == "budget" or (e.startswith("budget=") and _fraction(e[7:]))]
     mbs = [e for e in extras if e.startswith("mb=") and _fraction(e[3:]) or e == "mb=0"]
     skips = {e for e in extras if e.startswith("skip=") and e[5:].replace("_", "").isalnum()}
@@ -184,10 +187,10 @@ def by_name(spec: str) -> Variant:
                 and e[2:].partition("=")[0].replace("_", "").replace(".", "").isalnum()
                 and (e.partition("=")[2] in RANKS or _fraction(e.partition("=")[2]))}
     unknown = (set(extras) - {"allsites", "nohead", "hr", "cyc", "ek"} - timing - follow - set(budgets)
-               - set(mbs) - skips - early - per_site - draw_seed)
+               - set(mbs) - skips - early - per_site - draw_seed - splits)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, headloss[+hr][+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+hr][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, headloss[+hr][+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+hr][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+sp=f][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}")
     rank = RANKS[rank_name]
     if kind == "prac":
@@ -218,6 +221,8 @@ def by_name(spec: str) -> Variant:
             options["early_refits"] = int(e[2:])
         for e in draw_seed:
             options["seed"] = int(e[3:])
+        for e in splits:  # sp=f: the principal part's share of the rank (split; default 0.5)
+            options["split"] = float(e[3:])
         for e in follow:  # S=s: principal bases follow each batch with s subspace iterations
             options["subspace_iters"] = int(e[2:])
         if len(budgets) > 1:

@@ -273,6 +273,9 @@ def test_budget_value_in_a_variant_name():
     assert variants.by_name("prac-n/4+skip=attn").name == "prac r=n/4 +skip=attn"
     assert variants.by_name("prac-n/4+r.attn=n/8").name == "prac r=n/4 +r.attn=n/8"
     assert variants.by_name("prac-n/4+ps=1").name == "prac r=n/4 +ps=1"
+    assert variants.by_name("prac-n/4+S=1+sp=0.75").name == "prac r=n/4 S=1 +sp=0.75"
+    with pytest.raises(ValueError, match="variant"):
+        variants.by_name("prac-n/4+sp=2")  # a share is a fraction
     for bad in ("prac-n/4+budget=2", "prac-n/4+budget=x", "prac-n/4+budget+budget=0.7",
                 "prac-n/4+E=x", "prac-n/4+skip=a.b", "prac-n/4+r.attn=2", "prac-n/4+r.=0.5", "prac-n/4+ps=-1"):
         with pytest.raises(ValueError):
