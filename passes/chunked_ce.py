@@ -99,19 +99,23 @@ def vocab_block_for(rows: int, vocab: int, width: int | None = None,
     return -(-vocab // blocks)
 
 
-def grad_in_forward_pays(rows: int, vocab: int, width: int | None, weight_grad: bool) -> bool:
+def grad_in_forward_pays(rows: int, vocab: int, width: int | None, weight_grad: bool,
+                         weight_dtype: torch.dtype = torch.float32) -> bool:
     """Whether the op should compute its gradients in the forward (``grad_in_forward``).
 
     In the forward it runs the head's three matmuls once each, as Inductor's graph does, and
     keeps the input gradient (rows x width, the size of the head input the recompute keeps)
     and the weight gradient (vocab x width, float32) until the backward; recomputing keeps the
-    head input and runs a fourth matmul. The rule: compute in the forward when the held weight
-    gradient is at most half of the float32 logits that plain Inductor keeps (``2 width <=
-    rows``), or when the weight takes no gradient (a frozen head), where it holds nothing more.
-    At the bench's 2048 rows and width 256, and at a real model's rows and width 4096 from
-    8192 rows on, it computes in the forward; a batch of fewer rows than twice the width
-    recomputes."""
-    if not weight_grad or not width:
+    head input and runs a fourth matmul. The head is the forward's last op and its backward
+    the backward's first, so the held weight gradient lives over the same moment (the body's
+    activations all saved) as the one the recompute would make at the backward's start. It
+    costs more only where it is larger than that one: a float32 gradient for a weight of
+    16-bit dtype. The rule: compute in the forward when the weight is float32 (the held
+    gradient has the weight gradient's own size), when the weight takes no gradient (a frozen
+    head: nothing more held), or when the held float32 gradient is at most half of the float32
+    logits that plain Inductor keeps (``2 width <= rows``). So a float32 model always computes
+    in the forward; a bf16 model of width 4096 does from 8192 rows on, and recomputes below."""
+    if not weight_grad or not width or weight_dtype == torch.float32:
         return True
     return 2 * width <= rows
 

@@ -275,7 +275,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         labels = _arg(ce, 1, "target")
         early = getattr(policy, "head_loss_grad_in_forward", None)
         if early is None:
-            early = grad_in_forward_pays(rows, vocab, width, bool(_val(weight).requires_grad))
+            early = grad_in_forward_pays(rows, vocab, width, bool(_val(weight).requires_grad),
+                                         _val(weight).dtype)
         if returns and bias is not None and bias.op != "placeholder":
             early = False  # the runner re-attaches the logits' gradient from graph inputs
         head.grad_in_forward = early

@@ -175,9 +175,9 @@ class PracConfig:
             all, as Inductor's graph runs, keeping the input gradient and a float32 weight
             gradient (vocab x width) until the backward. False recomputes each chunk's logits in
             the backward instead (a fourth matmul; keeps the head input). None (the default)
-            decides per graph: in the forward unless the held weight gradient would exceed half
-            of the float32 logits plain Inductor keeps (``2 width > rows``)
-            (``passes.chunked_ce.grad_in_forward_pays``). Logits the model returns beside the
+            decides per graph: in the forward for a float32 or frozen head weight, and for a
+            16-bit one unless its held float32 gradient would exceed half of the float32 logits
+            plain Inductor keeps (``2 width > rows``) (``passes.chunked_ce.grad_in_forward_pays``). Logits the model returns beside the
             loss keep an exact gradient path either way.
         memory_budget: None, or a fraction in [0, 1] of what the *uncompressed* graph would keep
             for backward. The backend measures that and the rewritten graph's default, and hands

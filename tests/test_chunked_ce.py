@@ -243,10 +243,14 @@ def test_grad_in_forward_under_bf16_autocast_accumulates_in_float32():
 def test_grad_in_forward_rule():
     from prac_fx.passes.chunked_ce import grad_in_forward_pays
 
-    assert grad_in_forward_pays(2048, 32000, 256, True)  # the bench: 2048 rows, width 256
-    assert grad_in_forward_pays(16384, 128000, 4096, True)  # a real batch of a wide model
-    assert not grad_in_forward_pays(512, 150000, 4096, True)  # few rows, wide: recompute
-    assert grad_in_forward_pays(512, 150000, 4096, False)  # frozen head: nothing more held
+    bf16 = torch.bfloat16
+    assert grad_in_forward_pays(2048, 32000, 256, True, bf16)  # the bench's 2048 rows, width 256
+    assert grad_in_forward_pays(16384, 128000, 4096, True, bf16)  # a real batch of a wide model
+    assert not grad_in_forward_pays(512, 150000, 4096, True, bf16)  # few rows, wide: recompute
+    assert grad_in_forward_pays(512, 150000, 4096, False, bf16)  # frozen head: nothing more held
+    # a float32 weight: the held gradient is the size of the one the backward makes anyway
+    assert grad_in_forward_pays(512, 150000, 4096, True)
+    assert grad_in_forward_pays(512, 150000, 512, True, torch.float32)
 
 
 def test_no_upcast_keeps_dtype():
