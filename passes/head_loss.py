@@ -87,6 +87,9 @@ class HeadLoss:
     saved_bytes_after: int = 0
     grad_in_forward: bool = False  # the gradients computed in the forward (or recomputed)
     grad_bytes: int = 0  # held from forward to backward when computed in the forward
+    # the head input the runner keeps for the returned logits' gradient path (grad_in_forward
+    # with returned logits; ``chunked_ce.attach_logits_grad``), alive while the logits are
+    logits_path_bytes: int = 0
 
 
 def _val(node):
@@ -285,6 +288,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             head.grad_bytes = rows * width * x_val.dtype.itemsize + vocab * width * 4
             if bias is not None:
                 head.grad_bytes += vocab * 4
+            if returns:
+                head.logits_path_bytes = rows * width * x_val.dtype.itemsize
         with graph.inserting_before(ce):
             x_rows = x
             for s in reversed(slices):  # outermost last: replay in the order applied to the logits

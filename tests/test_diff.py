@@ -228,9 +228,15 @@ def test_head_rewrite_is_shown():
     rep = diff.compare(work, PracConfig(rank=8), graphs=("dynamo",))
     (head,) = rep["heads"]
     assert head["status"] == "rewritten" and head["module"] == "lm_head" and head["vocab"] == 512
-    assert head["saved_before"] == 2 * 16 * 512 * 4 and head["saved_after"] == 2 * 16 * 4
+    assert head["saved_before"] == 2 * 16 * 512 * 4
+    # a float32 head computes its gradients in the forward: nothing of the logits is kept, and
+    # the held input and weight gradients are counted under their own name
+    assert head["grad_in_forward"] and head["saved_after"] == 0
+    assert head["grad_bytes"] == 2 * 16 * 32 * 4 + 512 * 32 * 4
     by = rep["saved"]["by_category"]["head and loss"]
     assert by["inductor"] >= head["saved_before"] and by["prac"] <= head["saved_after"]
+    assert rep["saved"]["by_category"]["head gradients"]["prac"] >= 512 * 32 * 4  # dW
+    assert rep["saved"]["agrees"], (rep["saved"]["totals"], rep["saved"]["measured"])
     text = render.text(rep)
     assert "Output head and loss" in text and "head + loss -> chunked LinearCrossEntropy" in text
     assert "Saved for backward by what keeps it" in render.as_html(rep)

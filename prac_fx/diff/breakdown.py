@@ -95,12 +95,13 @@ def categories(forward_code: str, backward_code: str, names: list[str], bases: s
             cat = "bases"
         elif any(a in made_op for a in _ATTENTION) or any(a in op for op in read for a in _ATTENTION):
             cat = "attention"
+        elif (vocabs and _first_dim(node) in vocabs and _last_dim(node) not in vocabs
+              and node.dtype.startswith(("f", "bf"))):
+            cat = "head gradients"  # (V, n) and (V,): before the head's ops, which make them too
         elif (vocabs and _last_dim(node) in vocabs) or made_op in _HEAD_OPS or (
                 made_op == "cat" and made is not None and made.args
                 and all(_op(fw.get(a)) in _HEAD_OPS for a in made.args if a)):
             cat = "head and loss"
-        elif vocabs and _first_dim(node) in vocabs and node.dtype.startswith(("f", "bf")):
-            cat = "head gradients"
         elif read & _MATMUL or (made_op == "mm" and made is not None
                                 and any(a in bases for a in made.args[1:])):
             cat = "linear inputs and copies"

@@ -136,6 +136,22 @@ def _sites(index: int, record: GraphRecord, info: DynamoInfo) -> list[dict]:
     return rows
 
 
+def _logits_path_rows(index: int, record: GraphRecord) -> list[dict]:
+    """The head inputs the runner keeps, outside the graph, for the gradient path of logits a
+    head-and-loss op computed its gradients in the forward for and returned (saved by
+    ``chunked_ce.attach_logits_grad``; the hooks' measurement sees them)."""
+    rows = []
+    for h in record.head_losses:
+        if h.status != kinds.REWRITTEN or not h.logits_path_bytes:
+            continue
+        rows.append({"graph": index, "change": "added", "inductor": None, "prac": {
+            "name": f"{h.module} input (returned logits' gradient path)", "shape": [],
+            "dtype": "", "bytes": h.logits_path_bytes, "op": "runner", "kind": "activation",
+            "storage": f"{h.module} input", "counted": h.logits_path_bytes,
+            "category": "head gradients"}})
+    return rows
+
+
 def config_summary(config: PracConfig, exclude: list[str]) -> dict:
     return {"rank": config.rank, "split": config.split, "exclude": list(exclude)}
 
@@ -167,6 +183,7 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
         vocabs = {h.vocab for h in p.head_losses if h.vocab}
         saved_rows += pair(i, saved(b, base.infos[i], {}, vocabs),
                            saved(p, prac.infos[i], fw_map, vocabs))
+        saved_rows += _logits_path_rows(i, p)
         graph_notes.append({"index": i, "note": p.note})
     if len(base.records) != len(prac.records):
         notes.append(f"graph counts differ: inductor {len(base.records)}, prac {len(prac.records)}; "
