@@ -6,14 +6,17 @@ Categories (``CATEGORIES``), decided from the partitioned aten graphs (first mat
 - ``bases``: the PRAC bases (graph inputs the backend appends);
 - ``attention``: produced by an attention op (its output, log-sum-exp, seeds) or read by an
   attention backward (q, k, v);
+- ``head gradients`` (checked before the next, whose ops also make the weight gradient's
+  blocks): float tensors whose first dimension is a vocabulary size and last is not, see below;
 - ``head and loss``: the logits or what the loss keeps of them: a tensor whose last dimension is
   a vocabulary size the head-and-loss pass saw, or the output of ``_log_softmax`` /
   ``logsumexp`` or of its decomposition (``amax``, ``log``), or a ``cat`` of those (the chunked
   op's per-row log-sum-exp), or a view of one;
 - ``head gradients``: float tensors whose first dimension is a vocabulary size and last is not
-  (the head's weight and bias gradients, which the head-and-loss op computes in the forward
-  and holds until the backward; its input gradient, shaped like the head input, falls under
-  the categories below, and the head rows give the op's held bytes exactly);
+  (the head's weight gradient, which the head-and-loss op computes in the forward and holds
+  until the backward; its input gradient, shaped like the head input, falls under the
+  categories below, and the head rows give the op's held bytes exactly), and, outside the
+  graph, the head input the runner keeps for returned logits' gradient path;
 - ``linear inputs and copies``: read by a matmul in the backward (``mm``, ``addmm``: the input a
   weight gradient needs) or a compressed copy ``x @ P``;
 - ``other``: integer and boolean tensors (token ids, labels, masks);
