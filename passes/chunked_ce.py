@@ -147,7 +147,7 @@ def _unit_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
 
 def _block_grads(full: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                  x2d: torch.Tensor, weight: torch.Tensor, need: tuple[bool, bool, bool],
-                 upcast: bool, block: int) -> tuple:
+                 block: int) -> tuple:
     """The head gradients for a loss gradient of 1 per valid row, from logits already held in
     full (N, V): a pass over vocabulary blocks of ``block`` columns, each
     ``g_j = (softmax - onehot)[:, j]`` (N, block) turned into ``grad_weight[j] = g_j^T x``,
@@ -172,8 +172,7 @@ def _block_grads(full: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, ig
         # matmul (finite whenever the logits are) makes each block wait for the one before,
         # and its buffer is reused.
         shift = lse_col if prev is None else lse_col + prev * 0.0
-        g = ((torch.exp(logits - shift) - onehot) * rows_w)  # (N, b)
-        g = g.to(compute_dtype)
+        g = ((torch.exp(logits - shift) - onehot) * rows_w).to(compute_dtype)  # (N, b)
         if need[0]:  # grad_x += g_j @ W[j]                                     (N, n)
             part = torch.mm(g, weight[start:stop].to(g.dtype)).float()
             grad_x = part if grad_x is None else grad_x + part
@@ -256,7 +255,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             # vocabulary blocks of them, whose temporaries are a block, not a chunk of rows
             grad_x, grad_weight, grad_bias = _block_grads(
                 full, lse, labels1d, ignore_index, x2d, weight, (need_x, need_w, need_b),
-                upcast, vocab_block or vocab_block_for(rows, full.shape[1], n))
+                vocab_block or vocab_block_for(rows, full.shape[1], n))
             grads = ([grad_x] if grad_x is not None else [], grad_weight, grad_bias)
         count = (labels1d != ignore_index).sum()
         loss = total / count.to(total.dtype) if reduction == "mean" else total
