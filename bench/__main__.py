@@ -95,6 +95,12 @@ def parse(argv):
         p.add_argument("--bias-calls", type=int, default=0,
                        help="also check unbiasedness: this many calls on the held-out batch at "
                             "fixed weights, for variants with T2=1 (0: not checked)")
+        p.add_argument("--schedule", type=int, default=0,
+                       help="instead: train as the convergence runs do, cosine over this many "
+                            "steps, and measure the window's errors and Adam's view at --at")
+        p.add_argument("--at", default=None,
+                       help="comma-separated steps for --schedule (default: its quarters)")
+        p.add_argument("--seeds", default="0", help="model seeds for --schedule")
     elif command == "gpu":
         p.add_argument("--out", required=True, help="folder for the JSON records and summary.md")
         p.add_argument("--dry", action="store_true",
@@ -268,6 +274,8 @@ def variance(args) -> int:
     from bench.harness import machine
 
     torch.set_num_threads(args.threads)
+    if args.schedule:
+        return _variance_along(args)
     rows = []
     for m in _names(args.models):
         for v in _names(args.variants):
@@ -278,6 +286,28 @@ def variance(args) -> int:
           f"seed 0; {args.draws} draws per site, measured on one held-out Shakespeare batch")
     print(var.table(rows, markdown=args.markdown))
     _write(rows, {"machine": machine(), "steps": args.steps, "draws": args.draws}, args)
+    return 0
+
+
+def _variance_along(args) -> int:
+    from bench import variance as var
+    from bench.harness import machine
+
+    n = args.schedule
+    at = [int(a) for a in _names(args.at)] if args.at else [n // 4, n // 2, 3 * n // 4, n]
+    window = args.window or 16
+    rows = []
+    for m in _names(args.models):
+        for s in _names(args.seeds):
+            for v in _names(args.variants):
+                rows += var.measure_along(m, v, schedule=n, at=at, window=window, seed=int(s))
+                print(f"{m}/{v}/seed {s}: {[dataclasses.asdict(r) for r in rows[-len(at):]]}",
+                      file=sys.stderr, flush=True)
+    print(f"{machine()}, float32; models 4 x 256, batch 8, seq 256; "
+          f"trained as the convergence runs, cosine over {n} steps; errors and Adam's view over "
+          f"{window} calls at the weights reached, from a probe stream (the run is not disturbed)")
+    print(var.along_table(rows, markdown=args.markdown))
+    _write(rows, {"machine": machine(), "schedule": n, "window": window}, args)
     return 0
 
 

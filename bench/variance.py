@@ -32,6 +32,14 @@ compressed weights:
 
 Errors independent from step to step shrink in the sum (the window figure falls below the
 per-step one by up to the window's length); errors that persist, as a held draw's do, stay.
+Over the same calls, ``AdamView``: what Adam, started from zero with the runs' betas, makes of
+the estimated gradients against the exact ones (its second moment, and its update's error,
+length along the exact update and cosine).
+
+Along a schedule (``measure_along``, ``--schedule N``): the model is trained as the
+convergence runs train it (cosine over ``N`` steps), and the window's errors and Adam's view
+are measured at checkpoints of the run, next to the validation perplexity there, so that what
+the optimizer sees can be read against where the run falls behind.
 """
 from __future__ import annotations
 
@@ -69,13 +77,11 @@ def _backend(fn):
     return backend
 
 
-def window_terms(fn, model: torch.nn.Module, backend,
-                 batches: list[torch.Tensor]) -> dict[str, tuple[float, float, float, float]]:
-    """Per compressed weight, ``(||sum_t (G^_t - G_t)||^2, ||sum_t G_t||^2, sum_t ||G^_t -
-    G_t||^2, sum_t ||G_t||^2)`` over ``batches`` at the model's current weights; ``fn`` is the
-    compiled variant (its bases and draws moving from call to call as in training), ``model``
-    its exact, uncompiled self. Weights that serve several sites are left out (their ``.grad``
-    is not one site's). Leaves every ``.grad`` as it found it."""
+def _gradient_pairs(fn, model: torch.nn.Module, backend, batches: list[torch.Tensor]):
+    """Yield ``(hat, exact)`` per batch: the compressed weights' gradients (float64, by
+    parameter name) from the compiled variant ``fn`` and from ``model``, its exact, uncompiled
+    self, at the model's current weights. Weights that serve several sites are left out (their
+    ``.grad`` is not one site's). Leaves every ``.grad`` as it found it."""
     weights = [s.weight for _, sites in pv._rewritten_groups(backend) for s in sites]
     names = sorted({w for w in weights if weights.count(w) == 1})
     params = dict(model.named_parameters())
@@ -88,21 +94,73 @@ def window_terms(fn, model: torch.nn.Module, backend,
         return {n: params[n].grad.detach().double().clone() for n in names
                 if params[n].grad is not None}
 
-    sum_hat, sum_exact, err_sq, norm_sq = {}, {}, {}, {}
     try:
         for ids in batches:
             hat = grads(lambda: fn(ids, labels=ids).loss)
             exact = grads(lambda: model(ids, labels=ids).loss)
-            for n in exact.keys() & hat.keys():
-                sum_hat[n] = sum_hat.get(n, 0) + hat[n]
-                sum_exact[n] = sum_exact.get(n, 0) + exact[n]
-                err_sq[n] = err_sq.get(n, 0.0) + (hat[n] - exact[n]).square().sum().item()
-                norm_sq[n] = norm_sq.get(n, 0.0) + exact[n].square().sum().item()
+            keep = exact.keys() & hat.keys()
+            yield {n: hat[n] for n in keep}, {n: exact[n] for n in keep}
     finally:
         for name, p in params.items():
             p.grad = saved[name]
-    return {n: ((sum_hat[n] - sum_exact[n]).square().sum().item(),
-                sum_exact[n].square().sum().item(), err_sq[n], norm_sq[n]) for n in sorted(sum_exact)}
+
+
+def window_terms(fn, model: torch.nn.Module, backend,
+                 batches: list[torch.Tensor]) -> dict[str, tuple[float, float, float, float]]:
+    """Per compressed weight, ``(||sum_t (G^_t - G_t)||^2, ||sum_t G_t||^2, sum_t ||G^_t -
+    G_t||^2, sum_t ||G_t||^2)`` over ``batches`` at the model's current weights; ``fn`` is the
+    compiled variant (its bases and draws moving from call to call as in training), ``model``
+    its exact, uncompiled self (see ``_gradient_pairs``)."""
+    return _window_and_adam(fn, model, backend, batches)[0]
+
+
+@dataclasses.dataclass
+class AdamView:
+    """What Adam makes of the same calls' gradients, exact against estimated, both started from
+    a zero state with the convergence runs' betas, over the compressed weights: ``v_ratio`` the
+    second moment's sum (bias-corrected) under the estimate over the exact one (the inflation
+    that shrinks Adam's steps); for the update ``u = m / (sqrt(v) + eps)`` after the last call,
+    ``update_error = ||u^ - u||^2 / ||u||^2``, ``along = <u^, u> / ||u||^2`` (the estimated
+    update's length along the exact one: below 1, Adam moves less far in the right direction)
+    and ``cosine``."""
+    v_ratio: float
+    update_error: float
+    along: float
+    cosine: float
+
+
+def _window_and_adam(fn, model, backend, batches, betas=(0.9, 0.95), eps=1e-8):
+    sum_hat, sum_exact, err_sq, norm_sq = {}, {}, {}, {}
+    state = {}  # name -> [m^, v^, m, v]
+    for hat, exact in _gradient_pairs(fn, model, backend, batches):
+        for n in exact:
+            sum_hat[n] = sum_hat.get(n, 0) + hat[n]
+            sum_exact[n] = sum_exact.get(n, 0) + exact[n]
+            err_sq[n] = err_sq.get(n, 0.0) + (hat[n] - exact[n]).square().sum().item()
+            norm_sq[n] = norm_sq.get(n, 0.0) + exact[n].square().sum().item()
+            s = state.setdefault(n, [torch.zeros_like(exact[n]) for _ in range(4)])
+            for m, v, g in ((s[0], s[1], hat[n]), (s[2], s[3], exact[n])):
+                m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+                v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    terms = {n: ((sum_hat[n] - sum_exact[n]).square().sum().item(),
+                 sum_exact[n].square().sum().item(), err_sq[n], norm_sq[n]) for n in sorted(sum_exact)}
+    if not state:
+        return terms, None
+    t = len(batches)
+    c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
+    v_hat = v_exact = err = dot = uu_hat = uu = 0.0
+    for m_h, v_h, m_e, v_e in state.values():
+        u_h = (m_h / c1) / ((v_h / c2).sqrt() + eps)
+        u_e = (m_e / c1) / ((v_e / c2).sqrt() + eps)
+        v_hat += (v_h / c2).sum().item()
+        v_exact += (v_e / c2).sum().item()
+        err += (u_h - u_e).square().sum().item()
+        dot += (u_h * u_e).sum().item()
+        uu_hat += u_h.square().sum().item()
+        uu += u_e.square().sum().item()
+    view = AdamView(v_hat / v_exact if v_exact else 0.0, err / uu if uu else 0.0,
+                    dot / uu if uu else 0.0, dot / (uu_hat * uu) ** 0.5 if uu and uu_hat else 0.0)
+    return terms, view
 
 
 def window_error(fn, model: torch.nn.Module, backend, batches: list[torch.Tensor]) -> tuple[float, float]:
@@ -164,6 +222,102 @@ def measure_variant(model_name: str, variant: str, *, steps: int, draws: int, la
         row.bias_z_median, row.bias_z_max = z[len(z) // 2], z[-1]
         row.bias_calls = bias_calls
     return row
+
+
+@dataclasses.dataclass
+class AlongRow:
+    """One checkpoint of ``measure_along``."""
+    model: str
+    variant: str
+    seed: int
+    step: int
+    schedule: int
+    lr: float
+    val_ppl: float
+    per_step: float | None = None
+    window: float | None = None
+    v_ratio: float | None = None
+    update_error: float | None = None
+    along: float | None = None
+    cosine: float | None = None
+
+
+def measure_along(model_name: str, variant: str, *, schedule: int, at: list[int], window: int,
+                  seed: int = 0, eval_batches: int = 4) -> list[AlongRow]:
+    """Train ``variant`` as the convergence runs do (``bench.convergence.TrainConfig`` with
+    ``steps=schedule``: the same weights, batches, warm-up, cosine decay, clipping and AdamW),
+    and at each step in ``at`` measure, at the weights the run has reached, the per-step and
+    window errors and what Adam makes of them (``AdamView``) over ``window`` calls, next to the
+    validation perplexity (``eval_batches`` held-out batches) at that step.
+
+    The window's batches come from a stream of their own, and the backend's state (bases, draws,
+    call counters, generator) is saved before the window and restored after it, so the run
+    itself goes on as it would have without the measurements. A variant without a PRAC backend
+    (``inductor``) gives the perplexity alone."""
+    import math
+
+    from bench import convergence, training
+
+    if not at or max(at) > schedule or min(at) < 1:
+        raise ValueError(f"checkpoints {at} must lie in 1..{schedule}")
+    cfg = convergence.TrainConfig(model=model_name, variant=variant, steps=schedule, seed=seed)
+    tokens = data.shakespeare(cfg.vocab)
+    stream = data.Batches(tokens["train"], cfg.batch, cfg.seq, cfg.data_seed)
+    probes = data.Batches(tokens["train"], cfg.batch, cfg.seq, cfg.data_seed + 1000)
+    val = data.eval_batches(tokens["val"], cfg.batch, cfg.seq, eval_batches)
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model = models.build(model_name, layers=cfg.layers, width=cfg.width, seq=cfg.seq,
+                         vocab=tokens["vocab"])
+    model.train()
+    fn = variants.by_name(variant).make(model)
+    backend = getattr(fn, "prac_backend", None)
+    opt = convergence._optimizer(model, cfg)
+    rows: list[AlongRow] = []
+
+    def checkpoint(done: int, _bar) -> None:
+        if done not in at:
+            return
+        lr = convergence.lr_at(done - 1, cfg)
+        ppl = math.exp(convergence._evaluate(fn, val))
+        row = AlongRow(model_name, variant, seed, done, schedule, lr, ppl)
+        if backend is not None and window > 0:
+            import copy
+
+            saved = copy.deepcopy(backend.state_dict())
+            terms, view = _window_and_adam(fn, model, backend, [probes.next() for _ in range(window)])
+            backend.load_state_dict(saved)
+            t = list(terms.values())
+            row.window = sum(x[0] for x in t) / sum(x[1] for x in t)
+            row.per_step = sum(x[2] for x in t) / sum(x[3] for x in t)
+            row.v_ratio, row.update_error = view.v_ratio, view.update_error
+            row.along, row.cosine = view.along, view.cosine
+        rows.append(row)
+
+    training.train_loop(model, opt, {"train_loss": [], "step_s": []}, steps=max(at),
+                        lr_at=lambda step: convergence.lr_at(step, cfg),
+                        batch_at=lambda step: stream.next(),
+                        loss_of=lambda ids: fn(ids, labels=ids).loss, clip=cfg.clip,
+                        desc=f"{model_name}/{variant}", progress=True, after_step=checkpoint)
+    return rows
+
+
+def along_table(rows: list[AlongRow], markdown: bool = False) -> str:
+    from tabulate import tabulate
+
+    base = {(r.model, r.seed, r.step): r.val_ppl for r in rows if r.variant == "inductor"}
+    body = []
+    for r in rows:
+        ref = base.get((r.model, r.seed, r.step))
+        gap = None if ref is None else f"{100 * (r.val_ppl / ref - 1):+.2f}%"
+        f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+        body.append([r.model, r.variant, r.step, f"{r.lr:.2e}", f"{r.val_ppl:.2f}", gap]
+                    + [f(x) for x in (r.per_step, r.window, r.v_ratio, r.update_error, r.along,
+                                      r.cosine)])
+    headers = ["model", "variant", "step", "lr", "val ppl", "gap to inductor", "per-step error",
+               "window error", "Adam v ratio", "update error", "update along exact", "update cosine"]
+    return tabulate(body, headers=headers, tablefmt="github" if markdown else "simple",
+                    disable_numparse=True)
 
 
 def table(rows: list[VarianceRow], markdown: bool = False) -> str:

@@ -380,6 +380,12 @@ def test_window_error_and_bias_check():
         ratios[name] = window / per_step
         exact = var.window_error(model, model, fn.prac_backend, batches)
         assert exact[0] < 1e-12 and exact[1] < 1e-12
+        # Adam's view: the exact gradients against themselves are the identity; an estimate
+        # with error inflates the second moment and turns the update away from the exact one
+        _, same = var._window_and_adam(model, model, fn.prac_backend, batches)
+        assert (same.v_ratio, same.update_error, same.along, same.cosine) == pytest.approx((1, 0, 1, 1))
+        _, view = var._window_and_adam(fn, model, fn.prac_backend, batches)
+        assert view.v_ratio > 1 and view.update_error > 0 and 0 < view.cosine < 1, view
         if name == "resample1-n/4":  # bias_check: z about 1 for unbiased, independent draws
             z = var.bias_check(fn, model, fn.prac_backend, batches[0], 8)
             assert z and all(0.3 < v < 2.5 for v in z.values()), z
@@ -392,3 +398,5 @@ def test_window_error_and_bias_check():
     model.zero_grad(set_to_none=True)
     z = var.bias_check(fn, model, fn.prac_backend, batches[0], 8)
     assert z and all(v > 7.5 for v in z.values()), z
+    with pytest.raises(ValueError, match="checkpoints"):
+        var.measure_along("llama", "prac-n/4", schedule=10, at=[5, 20], window=2)
