@@ -60,12 +60,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale: float | None = None) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only. With ``lr_scale`` (a variant's ``+lrb=F``), the
+    weights of the blocks' linear layers (the sites PRAC compresses: every ``nn.Linear`` but the
+    output heads) take ``F`` times the scheduled learning rate (``"lr_scale"`` in their group,
+    which ``training.train_loop`` applies)."""
+    scaled: set[int] = set()
+    if lr_scale is not None:
+        import prac_fx
+
+        heads = prac_fx.PracConfig()
+        scaled = {id(m.weight) for path, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not heads.is_head(path)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in scaled]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    if scaled:
+        groups.append({"params": [p for p in model.parameters() if id(p) in scaled],
+                       "weight_decay": cfg.weight_decay, "lr_scale": lr_scale})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def _evaluate(fn, batches: list[torch.Tensor]) -> float:
@@ -102,7 +116,7 @@ def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = T
                          vocab=tokens["vocab"]).to(getattr(torch, cfg.dtype))
     model.train()
     fn = variants.by_name(cfg.variant).make(model)
-    opt = _optimizer(model, cfg)
+    opt = _optimizer(model, cfg, getattr(fn, "lr_scale", None))
 
     record = {"config": dataclasses.asdict(cfg), "machine": machine(), "done": False,
               "eval": [], "train_loss": [], "step_s": [], "compile_s": None,

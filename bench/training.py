@@ -66,7 +66,7 @@ def train_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, record: dict,
     for step in range(steps):
         batch = batch_at(step)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step) * group.get("lr_scale", 1.0)
         t = time.perf_counter()
         loss = loss_of(batch)
         loss.backward()

@@ -272,7 +272,7 @@ def measure_along(model_name: str, variant: str, *, schedule: int, at: list[int]
     model.train()
     fn = variants.by_name(variant).make(model)
     backend = getattr(fn, "prac_backend", None)
-    opt = convergence._optimizer(model, cfg)
+    opt = convergence._optimizer(model, cfg, getattr(fn, "lr_scale", None))
     rows: list[AlongRow] = []
 
     def checkpoint(done: int, _bar) -> None:

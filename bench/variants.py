@@ -53,6 +53,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 ``principal-R``     ablation: principal part only (r2 = 0; biased)
 ``resample1-R``     ablation: the random part redrawn every step (T2 = 1)
 ``refresh1-R``      the principal basis refitted every step (T1 = 1): the refresh step's cost
+``V+lrb=F``         any variant V whose blocks' linear weights (the sites PRAC compresses)
+                    train at F times the learning rate in the convergence runs
 ==================  ===========================================================================
 """
 from __future__ import annotations
@@ -150,6 +152,18 @@ def prac(rank: float | int, label: str | None = None, *, with_budget: float | No
     return Variant(label or f"prac r={rank}", make)
 
 
+def _lr_scaled(variant: Variant, scale: float) -> Variant:
+    """``variant`` whose blocks' linear weights train at ``scale`` times the learning rate (the
+    convergence runs' optimizer reads ``lr_scale`` off the callable)."""
+
+    def make(model):
+        fn = variant.make(model)
+        fn.lr_scale = scale
+        return fn
+
+    return Variant(f"{variant.name} lr x{scale:g}", make)
+
+
 def _fraction(text: str) -> bool:
     try:
         return 0.0 < float(text) <= 1.0
@@ -160,6 +174,15 @@ def _fraction(text: str) -> bool:
 def by_name(spec: str) -> Variant:
     """The variant a command-line name stands for (see the module docstring)."""
     spec = spec.strip()
+    base, plus, last = spec.rpartition("+")
+    if plus and last.startswith("lrb="):
+        try:
+            scale = float(last[4:])
+        except ValueError:
+            scale = 0.0
+        if not 0.0 < scale <= 10.0:
+            raise ValueError(f"lrb=F takes a learning-rate factor in (0, 10], got {spec!r}")
+        return _lr_scaled(by_name(base), scale)
     fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget}
     if spec in fixed:
         return fixed[spec]()

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bench import convergence, data, report, variants
+from bench import convergence, data, report, training, variants
 from bench.harness import Row, Setup, run_suite
 from prac_fx.diff import memory
 
@@ -280,6 +280,34 @@ def test_budget_value_in_a_variant_name():
                 "prac-n/4+E=x", "prac-n/4+skip=a.b", "prac-n/4+r.attn=2", "prac-n/4+r.=0.5", "prac-n/4+ps=-1"):
         with pytest.raises(ValueError):
             variants.by_name(bad)
+
+
+def test_learning_rate_factor_on_the_compressed_sites():
+    """+lrb=F: the blocks' linear weights (what PRAC compresses; not the head, embeddings or
+    norms) train at F times the scheduled learning rate; the rest at the schedule."""
+    from prac_fx.diff import models
+
+    assert variants.by_name("inductor+lrb=0.5").name == "inductor lr x0.5"
+    assert variants.by_name("prac-n/4+S=1+lrb=1.5").name == "prac r=n/4 S=1 lr x1.5"
+    for bad in ("inductor+lrb=0", "inductor+lrb=x", "prac-n/4+lrb=-1", "inductor+lrb=11"):
+        with pytest.raises(ValueError, match="lrb"):
+            variants.by_name(bad)
+    model = models.build("llama", layers=1, width=64, seq=32, vocab=128)
+    cfg = convergence.TrainConfig(model="llama")
+    opt = convergence._optimizer(model, cfg, 0.5)
+    scaled = [g for g in opt.param_groups if "lr_scale" in g]
+    assert len(scaled) == 1 and scaled[0]["lr_scale"] == 0.5
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = sorted(names[id(p)] for p in scaled[0]["params"])
+    assert got and all(n.endswith("proj.weight") for n in got), got  # q/k/v/o, gate/up/down
+    assert len(got) == 7 and "lm_head.weight" not in got
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    assert len(convergence._optimizer(model, cfg).param_groups) == 2  # no factor: as before
+    record = {"train_loss": [], "step_s": []}
+    ids = torch.randint(0, 128, (2, 32))
+    training.train_loop(model, opt, record, steps=1, lr_at=lambda step: 1e-3, batch_at=lambda s: ids,
+                        loss_of=lambda b: model(b, labels=b).loss, clip=None, desc="", progress=False)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 5e-4])
 
 
 def test_run_cache_keys_are_stable():
