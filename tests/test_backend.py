@@ -360,6 +360,37 @@ def test_following_basis_at_full_rank_is_exact(compiler, mlp_case):
     assert all(g.omega is not None for g in be.store.groups.values())
 
 
+def test_following_basis_keeps_loss_and_input_gradients_exact():
+    """At a real rank (n/4) on a small Llama, the following basis changes only the compressed
+    weights' gradients: the loss and the gradient of every other parameter (embeddings, norms,
+    the exact head), which reach it through the input gradients, equal eager's."""
+    from prac_fx import variance
+    from prac_fx.diff import models
+
+    torch.manual_seed(0)
+    model = models.build("llama", layers=1, width=64, seq=32, vocab=128)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    be = prac_fx.backend(rank=0.25, subspace_iters=1)
+    compiled = torch.compile(model, backend=be)
+    for _ in range(2):  # the second call follows from the first call's basis
+        model.zero_grad(set_to_none=True)
+        loss = compiled(ids, labels=ids).loss
+        loss.backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ref = model(ids, labels=ids).loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    compressed = {s.weight for _, sites in variance._rewritten_groups(be) for s in sites}
+    assert len(compressed) == 7  # q, k, v, o, gate, up, down
+    exact = [n for n in got if n not in compressed]
+    assert "lm_head.weight" in exact and "model.embed_tokens.weight" in exact
+    for n in exact:
+        torch.testing.assert_close(got[n], dict(model.named_parameters())[n].grad, rtol=1e-4, atol=1e-6)
+    assert max(rel_err(got[n], dict(model.named_parameters())[n].grad) for n in compressed) > 1e-3
+
+
 def test_following_basis_tracks_the_batch():
     """A principal basis that follows the input holds the new batch's top directions after one
     call; the default one keeps the subspace of the batch it was fitted to."""
