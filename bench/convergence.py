@@ -99,24 +99,31 @@ def load(cfg, cache: pathlib.Path = data.CACHE) -> dict | None:
     return training.load(cfg, cache)
 
 
-def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = True) -> dict:
-    """Run (or load from the cache) one training run; returns its record."""
-    cached = load(cfg, cache)
-    if cached is not None:
-        return cached
+def setup(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, eval_batches: int | None = None):
+    """``(model, fn, opt, train_batches, val)`` for a run of ``cfg``: the model from its seed,
+    the variant's callable, the optimizer, the training stream and the validation batches
+    (``eval_batches`` of them; default the config's)."""
     from bench import variants
-    from bench.harness import machine
 
     tokens = data.shakespeare(cfg.vocab, cache)
     train_batches = data.Batches(tokens["train"], cfg.batch, cfg.seq, cfg.data_seed)
-    val = data.eval_batches(tokens["val"], cfg.batch, cfg.seq, cfg.eval_batches)
-
+    val = data.eval_batches(tokens["val"], cfg.batch, cfg.seq, eval_batches or cfg.eval_batches)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, layers=cfg.layers, width=cfg.width, seq=cfg.seq,
                          vocab=tokens["vocab"]).to(getattr(torch, cfg.dtype))
     model.train()
     fn = variants.by_name(cfg.variant).make(model)
-    opt = _optimizer(model, cfg, getattr(fn, "lr_scale", None))
+    return model, fn, _optimizer(model, cfg, getattr(fn, "lr_scale", None)), train_batches, val
+
+
+def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = True) -> dict:
+    """Run (or load from the cache) one training run; returns its record."""
+    cached = load(cfg, cache)
+    if cached is not None:
+        return cached
+    from bench.harness import machine
+
+    model, fn, opt, train_batches, val = setup(cfg, cache)
 
     record = {"config": dataclasses.asdict(cfg), "machine": machine(), "done": False,
               "eval": [], "train_loss": [], "step_s": [], "compile_s": None,

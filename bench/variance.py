@@ -43,7 +43,9 @@ the optimizer sees can be read against where the run falls behind.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 
 import torch
 
@@ -111,7 +113,7 @@ def window_terms(fn, model: torch.nn.Module, backend,
     G_t||^2, sum_t ||G_t||^2)`` over ``batches`` at the model's current weights; ``fn`` is the
     compiled variant (its bases and draws moving from call to call as in training), ``model``
     its exact, uncompiled self (see ``_gradient_pairs``)."""
-    return _window_and_adam(fn, model, backend, batches)[0]
+    return _window_and_adam(fn, model, backend, batches, adam=False)[0]
 
 
 @dataclasses.dataclass
@@ -129,7 +131,7 @@ class AdamView:
     cosine: float
 
 
-def _window_and_adam(fn, model, backend, batches, betas=(0.9, 0.95), eps=1e-8):
+def _window_and_adam(fn, model, backend, batches, betas=(0.9, 0.95), eps=1e-8, adam=True):
     sum_hat, sum_exact, err_sq, norm_sq = {}, {}, {}, {}
     state = {}  # name -> [m^, v^, m, v]
     for hat, exact in _gradient_pairs(fn, model, backend, batches):
@@ -138,6 +140,8 @@ def _window_and_adam(fn, model, backend, batches, betas=(0.9, 0.95), eps=1e-8):
             sum_exact[n] = sum_exact.get(n, 0) + exact[n]
             err_sq[n] = err_sq.get(n, 0.0) + (hat[n] - exact[n]).square().sum().item()
             norm_sq[n] = norm_sq.get(n, 0.0) + exact[n].square().sum().item()
+            if not adam:
+                continue
             s = state.setdefault(n, [torch.zeros_like(exact[n]) for _ in range(4)])
             for m, v, g in ((s[0], s[1], hat[n]), (s[2], s[3], exact[n])):
                 m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
@@ -163,13 +167,18 @@ def _window_and_adam(fn, model, backend, batches, betas=(0.9, 0.95), eps=1e-8):
     return terms, view
 
 
+def _window_ratios(terms: dict[str, tuple[float, float, float, float]]) -> tuple[float, float]:
+    """(window, per-step) relative error over the compressed weights from ``window_terms``."""
+    t = list(terms.values())
+    ratio = lambda num, den: num / den if den else 0.0  # noqa: E731
+    return (ratio(sum(x[0] for x in t), sum(x[1] for x in t)),
+            ratio(sum(x[2] for x in t), sum(x[3] for x in t)))
+
+
 def window_error(fn, model: torch.nn.Module, backend, batches: list[torch.Tensor]) -> tuple[float, float]:
     """(window, per-step) relative error of the compressed weights' gradients over ``batches``
     at the model's current weights (see the module docstring and ``window_terms``)."""
-    terms = list(window_terms(fn, model, backend, batches).values())
-    ratio = lambda num, den: num / den if den else 0.0  # noqa: E731
-    return (ratio(sum(t[0] for t in terms), sum(t[1] for t in terms)),
-            ratio(sum(t[2] for t in terms), sum(t[3] for t in terms)))
+    return _window_ratios(window_terms(fn, model, backend, batches))
 
 
 def bias_check(fn, model: torch.nn.Module, backend, batch: torch.Tensor,
@@ -254,25 +263,15 @@ def measure_along(model_name: str, variant: str, *, schedule: int, at: list[int]
     call counters, generator) is saved before the window and restored after it, so the run
     itself goes on as it would have without the measurements. A variant without a PRAC backend
     (``inductor``) gives the perplexity alone."""
-    import math
-
     from bench import convergence, training
 
     if not at or max(at) > schedule or min(at) < 1:
         raise ValueError(f"checkpoints {at} must lie in 1..{schedule}")
     cfg = convergence.TrainConfig(model=model_name, variant=variant, steps=schedule, seed=seed)
-    tokens = data.shakespeare(cfg.vocab)
-    stream = data.Batches(tokens["train"], cfg.batch, cfg.seq, cfg.data_seed)
-    probes = data.Batches(tokens["train"], cfg.batch, cfg.seq, cfg.data_seed + 1000)
-    val = data.eval_batches(tokens["val"], cfg.batch, cfg.seq, eval_batches)
     torch._dynamo.reset()
-    torch.manual_seed(seed)
-    model = models.build(model_name, layers=cfg.layers, width=cfg.width, seq=cfg.seq,
-                         vocab=tokens["vocab"])
-    model.train()
-    fn = variants.by_name(variant).make(model)
+    model, fn, opt, stream, val = convergence.setup(cfg, eval_batches=eval_batches)
+    probes = data.Batches(stream.tokens, cfg.batch, cfg.seq, cfg.data_seed + 1000)
     backend = getattr(fn, "prac_backend", None)
-    opt = convergence._optimizer(model, cfg, getattr(fn, "lr_scale", None))
     rows: list[AlongRow] = []
 
     def checkpoint(done: int, _bar) -> None:
@@ -282,14 +281,10 @@ def measure_along(model_name: str, variant: str, *, schedule: int, at: list[int]
         ppl = math.exp(convergence._evaluate(fn, val))
         row = AlongRow(model_name, variant, seed, done, schedule, lr, ppl)
         if backend is not None and window > 0:
-            import copy
-
             saved = copy.deepcopy(backend.state_dict())
             terms, view = _window_and_adam(fn, model, backend, [probes.next() for _ in range(window)])
             backend.load_state_dict(saved)
-            t = list(terms.values())
-            row.window = sum(x[0] for x in t) / sum(x[1] for x in t)
-            row.per_step = sum(x[2] for x in t) / sum(x[3] for x in t)
+            row.window, row.per_step = _window_ratios(terms)
             row.v_ratio, row.update_error = view.v_ratio, view.update_error
             row.along, row.cosine = view.along, view.cosine
         rows.append(row)
@@ -306,11 +301,11 @@ def along_table(rows: list[AlongRow], markdown: bool = False) -> str:
     from tabulate import tabulate
 
     base = {(r.model, r.seed, r.step): r.val_ppl for r in rows if r.variant == "inductor"}
+    f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
     body = []
     for r in rows:
         ref = base.get((r.model, r.seed, r.step))
         gap = None if ref is None else f"{100 * (r.val_ppl / ref - 1):+.2f}%"
-        f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
         body.append([r.model, r.variant, r.step, f"{r.lr:.2e}", f"{r.val_ppl:.2f}", gap]
                     + [f(x) for x in (r.per_step, r.window, r.v_ratio, r.update_error, r.along,
                                       r.cosine)])
