@@ -52,21 +52,25 @@ class TrainConfig:
         return training.cache_path(self, cache, "convergence", self.model)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+def lr_at(step: int, cfg: TrainConfig, floor: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to ``floor * lr`` at the last step (``floor`` defaults
+    to ``cfg.min_lr_ratio``; a variant's ``+lrf=F`` gives the compressed weights their own)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    low = cfg.min_lr_ratio if floor is None else floor
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return cfg.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale: float | None = None) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale: float | None = None,
+               lr_floor: float | None = None) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only. With ``lr_scale`` (a variant's ``+lrb=F``), the
     weights of the blocks' linear layers (the sites PRAC compresses: every ``nn.Linear`` but the
-    output heads) take ``F`` times the scheduled learning rate (``"lr_scale"`` in their group,
-    which ``training.train_loop`` applies)."""
+    output heads) take ``F`` times the scheduled learning rate; with ``lr_floor`` (``+lrf=F``)
+    their cosine decays to ``F`` times the peak instead of ``min_lr_ratio``. Both go in their
+    group (``"lr_scale"``, ``"lr_floor"``), which ``training.train_loop`` applies."""
     scaled: set[int] = set()
-    if lr_scale is not None:
+    if lr_scale is not None or lr_floor is not None:
         import prac_fx
 
         heads = prac_fx.PracConfig()
@@ -77,8 +81,11 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale: float | None 
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": rest, "weight_decay": 0.0}]
     if scaled:
-        groups.append({"params": [p for p in model.parameters() if id(p) in scaled],
-                       "weight_decay": cfg.weight_decay, "lr_scale": lr_scale})
+        group = {"params": [p for p in model.parameters() if id(p) in scaled],
+                 "weight_decay": cfg.weight_decay, "lr_scale": 1.0 if lr_scale is None else lr_scale}
+        if lr_floor is not None:
+            group["lr_floor"] = lr_floor
+        groups.append(group)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
@@ -113,7 +120,8 @@ def setup(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, eval_batches: int 
                          vocab=tokens["vocab"]).to(getattr(torch, cfg.dtype))
     model.train()
     fn = variants.by_name(cfg.variant).make(model)
-    return model, fn, _optimizer(model, cfg, getattr(fn, "lr_scale", None)), train_batches, val
+    opt = _optimizer(model, cfg, getattr(fn, "lr_scale", None), getattr(fn, "lr_floor", None))
+    return model, fn, opt, train_batches, val
 
 
 def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = True) -> dict:
@@ -151,7 +159,7 @@ def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = T
             save()
 
     record["eval"].append({"step": 0, "val_loss": _evaluate(fn, val)})
-    training.train_loop(model, opt, record, steps=cfg.steps, lr_at=lambda step: lr_at(step, cfg),
+    training.train_loop(model, opt, record, steps=cfg.steps, lr_at=lambda step, floor=None: lr_at(step, cfg, floor),
                         batch_at=lambda step: train_batches.next(),
                         loss_of=lambda ids: fn(ids, labels=ids).loss, clip=cfg.clip,
                         desc=f"{cfg.model}/{cfg.variant}", progress=progress, after_step=evaluate)

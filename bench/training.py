@@ -66,7 +66,9 @@ def train_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, record: dict,
     for step in range(steps):
         batch = batch_at(step)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step) * group.get("lr_scale", 1.0)
+            floor = group.get("lr_floor")  # a group's own end of the decay (+lrf=F)
+            lr = lr_at(step) if floor is None else lr_at(step, floor)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         t = time.perf_counter()
         loss = loss_of(batch)
         loss.backward()

@@ -55,6 +55,8 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
 ``refresh1-R``      the principal basis refitted every step (T1 = 1): the refresh step's cost
 ``V+lrb=F``         any variant V whose blocks' linear weights (the sites PRAC compresses)
                     train at F times the learning rate in the convergence runs
+``V+lrf=F``         any variant V whose blocks' linear weights end the cosine decay at F times
+                    the peak learning rate (the others at ``min_lr_ratio``)
 ==================  ===========================================================================
 """
 from __future__ import annotations
@@ -164,6 +166,18 @@ def _lr_scaled(variant: Variant, scale: float) -> Variant:
     return Variant(f"{variant.name} lr x{scale:g}", make)
 
 
+def _lr_floored(variant: Variant, floor: float) -> Variant:
+    """``variant`` whose blocks' linear weights end the cosine decay at ``floor`` times the peak
+    learning rate (the convergence runs' optimizer reads ``lr_floor`` off the callable)."""
+
+    def make(model):
+        fn = variant.make(model)
+        fn.lr_floor = floor
+        return fn
+
+    return Variant(f"{variant.name} lr floor {floor:g}", make)
+
+
 def _fraction(text: str) -> bool:
     try:
         return 0.0 < float(text) <= 1.0
@@ -183,6 +197,14 @@ def by_name(spec: str) -> Variant:
         if not 0.0 < scale <= 10.0:
             raise ValueError(f"lrb=F takes a learning-rate factor in (0, 10], got {spec!r}")
         return _lr_scaled(by_name(base), scale)
+    if plus and last.startswith("lrf="):
+        try:
+            floor = float(last[4:])
+        except ValueError:
+            floor = -1.0
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"lrf=F takes the decay's end as a fraction of the peak in [0, 1], got {spec!r}")
+        return _lr_floored(by_name(base), floor)
     fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget}
     if spec in fixed:
         return fixed[spec]()

@@ -310,6 +310,33 @@ def test_learning_rate_factor_on_the_compressed_sites():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 5e-4])
 
 
+def test_learning_rate_floor_on_the_compressed_sites():
+    """+lrf=F: the blocks' linear weights end the cosine decay at F times the peak, the rest at
+    min_lr_ratio; with +lrb the two compose."""
+    from prac_fx.diff import models
+
+    assert variants.by_name("prac-n/4+S=1+lrf=0.3").name == "prac r=n/4 S=1 lr floor 0.3"
+    both = variants.by_name("inductor+lrf=0.3+lrb=0.5")
+    for bad in ("inductor+lrf=-0.1", "inductor+lrf=1.5", "inductor+lrf=x", "inductor+lrf=nan"):
+        with pytest.raises(ValueError, match="lrf"):
+            variants.by_name(bad)
+    cfg = convergence.TrainConfig(model="llama", steps=1000, warmup=100)
+    assert convergence.lr_at(1000, cfg, 0.3) == pytest.approx(3e-4)
+    assert convergence.lr_at(1000, cfg) == pytest.approx(1e-4)
+    assert convergence.lr_at(50, cfg, 0.3) == convergence.lr_at(50, cfg)  # the warm-up is shared
+    model = models.build("llama", layers=1, width=64, seq=32, vocab=128)
+    fn = both.make(model)
+    opt = convergence._optimizer(model, cfg, getattr(fn, "lr_scale", None), getattr(fn, "lr_floor", None))
+    scaled = [g for g in opt.param_groups if "lr_floor" in g]
+    assert len(scaled) == 1 and scaled[0]["lr_floor"] == 0.3 and scaled[0]["lr_scale"] == 0.5
+    ids = torch.randint(0, 128, (2, 32))
+    training.train_loop(model, opt, {"train_loss": [], "step_s": []}, steps=1,  # at the decay's end
+                        lr_at=lambda step, floor=None: convergence.lr_at(step + 1000, cfg, floor),
+                        batch_at=lambda s: ids, loss_of=lambda b: model(b, labels=b).loss, clip=None,
+                        desc="", progress=False)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-4, 0.5 * 3e-4])
+
+
 def test_run_cache_keys_are_stable():
     """Cached training records stay readable: one hashing for both kinds of run, unchanged."""
     import pathlib
