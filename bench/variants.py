@@ -236,7 +236,8 @@ def by_name(spec: str) -> Variant:
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
                          f"budget=B, headloss[+hr][+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+hr][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+sp=f][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
-                         f"refresh1-R with R in {list(RANKS)}")
+                         f"refresh1-R with R in {list(RANKS)}; any of them +lrb=F (the compressed "
+                         f"weights' lr factor) or +lrf=F (their decay's floor)")
     rank = RANKS[rank_name]
     if kind == "prac":
         label = f"prac r={rank_name}" + "".join(f" {e}" if e in timing | follow | early else f" +{e}"
