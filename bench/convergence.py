@@ -17,6 +17,7 @@ import json
 import math
 import pathlib
 import statistics
+from typing import Callable
 
 import torch
 
@@ -60,6 +61,12 @@ def lr_at(step: int, cfg: TrainConfig, floor: float | None = None) -> float:
     low = cfg.min_lr_ratio if floor is None else floor
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def schedule(cfg: TrainConfig) -> Callable[..., float]:
+    """``lr_at`` for ``cfg`` as ``training.train_loop`` calls it: ``(step)``, or ``(step, floor)``
+    for a param group with its own ``"lr_floor"``."""
+    return lambda step, floor=None: lr_at(step, cfg, floor)
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale: float | None = None,
@@ -159,7 +166,7 @@ def train(cfg: TrainConfig, cache: pathlib.Path = data.CACHE, progress: bool = T
             save()
 
     record["eval"].append({"step": 0, "val_loss": _evaluate(fn, val)})
-    training.train_loop(model, opt, record, steps=cfg.steps, lr_at=lambda step, floor=None: lr_at(step, cfg, floor),
+    training.train_loop(model, opt, record, steps=cfg.steps, lr_at=schedule(cfg),
                         batch_at=lambda step: train_batches.next(),
                         loss_of=lambda ids: fn(ids, labels=ids).loss, clip=cfg.clip,
                         desc=f"{cfg.model}/{cfg.variant}", progress=progress, after_step=evaluate)

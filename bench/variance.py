@@ -290,7 +290,7 @@ def measure_along(model_name: str, variant: str, *, schedule: int, at: list[int]
         rows.append(row)
 
     training.train_loop(model, opt, {"train_loss": [], "step_s": []}, steps=max(at),
-                        lr_at=lambda step, floor=None: convergence.lr_at(step, cfg, floor),
+                        lr_at=convergence.schedule(cfg),
                         batch_at=lambda step: stream.next(),
                         loss_of=lambda ids: fn(ids, labels=ids).loss, clip=cfg.clip,
                         desc=f"{model_name}/{variant}", progress=True, after_step=checkpoint)

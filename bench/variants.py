@@ -154,28 +154,25 @@ def prac(rank: float | int, label: str | None = None, *, with_budget: float | No
     return Variant(label or f"prac r={rank}", make)
 
 
-def _lr_scaled(variant: Variant, scale: float) -> Variant:
-    """``variant`` whose blocks' linear weights train at ``scale`` times the learning rate (the
-    convergence runs' optimizer reads ``lr_scale`` off the callable)."""
+# the learning-rate suffixes of any variant: what the convergence runs' optimizer reads off the
+# callable, the label, the values taken, and how the error message names them
+LR_SUFFIXES = {
+    "lrb": ("lr_scale", "lr x{:g}", lambda x: 0.0 < x <= 10.0, "a learning-rate factor in (0, 10]"),
+    "lrf": ("lr_floor", "lr floor {:g}", lambda x: 0.0 <= x <= 1.0,
+            "the decay's end as a fraction of the peak in [0, 1]"),
+}
+
+
+def _with_lr(variant: Variant, attr: str, value: float, label: str) -> Variant:
+    """``variant`` whose callable carries ``attr = value`` (``lr_scale``: its blocks' linear
+    weights train at that factor of the learning rate; ``lr_floor``: their cosine ends there)."""
 
     def make(model):
         fn = variant.make(model)
-        fn.lr_scale = scale
+        setattr(fn, attr, value)
         return fn
 
-    return Variant(f"{variant.name} lr x{scale:g}", make)
-
-
-def _lr_floored(variant: Variant, floor: float) -> Variant:
-    """``variant`` whose blocks' linear weights end the cosine decay at ``floor`` times the peak
-    learning rate (the convergence runs' optimizer reads ``lr_floor`` off the callable)."""
-
-    def make(model):
-        fn = variant.make(model)
-        fn.lr_floor = floor
-        return fn
-
-    return Variant(f"{variant.name} lr floor {floor:g}", make)
+    return Variant(f"{variant.name} {label}", make)
 
 
 def _fraction(text: str) -> bool:
@@ -189,22 +186,16 @@ def by_name(spec: str) -> Variant:
     """The variant a command-line name stands for (see the module docstring)."""
     spec = spec.strip()
     base, plus, last = spec.rpartition("+")
-    if plus and last.startswith("lrb="):
+    key, eq, value = last.partition("=")
+    if plus and eq and key in LR_SUFFIXES:
+        attr, label, ok, what = LR_SUFFIXES[key]
         try:
-            scale = float(last[4:])
+            x = float(value)
         except ValueError:
-            scale = 0.0
-        if not 0.0 < scale <= 10.0:
-            raise ValueError(f"lrb=F takes a learning-rate factor in (0, 10], got {spec!r}")
-        return _lr_scaled(by_name(base), scale)
-    if plus and last.startswith("lrf="):
-        try:
-            floor = float(last[4:])
-        except ValueError:
-            floor = -1.0
-        if not 0.0 <= floor <= 1.0:
-            raise ValueError(f"lrf=F takes the decay's end as a fraction of the peak in [0, 1], got {spec!r}")
-        return _lr_floored(by_name(base), floor)
+            x = float("nan")
+        if not ok(x):
+            raise ValueError(f"{key}=F takes {what}, got {spec!r}")
+        return _with_lr(by_name(base), attr, x, label.format(x))
     fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget}
     if spec in fixed:
         return fixed[spec]()
