@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import torch
 import torch.fx
 
-from prac_fx.passes import kinds
+from prac_fx.passes import codec, kinds
 
 
 class SitePolicy(Protocol):
@@ -32,6 +32,8 @@ class SitePolicy(Protocol):
         """Whether the module at ``module_path`` is an output head that stays exact."""
 
     subspace_iters: int  # > 0: principal bases follow each call's input (``passes.rewrite``)
+    # Optional too: ``format_for(n, module_path)``, the saved copy's ``codec.Format`` (default
+    # unquantized projection).
     complement_scale: float | None  # k on the random part; None: (n - r1) / r2
     # Optional (read with getattr; defaults True, None and ()): ``head_loss``, whether the head
     # and cross-entropy loss become one chunked op; ``head_loss_chunk_rows``, its rows per chunk;
@@ -67,6 +69,7 @@ class Site:
     r1: int = 0
     r2: int = 0
     stat_index: int | None = None  # its row of the graph's ``prac_stats`` input, once rewritten
+    fmt: codec.Format = codec.Format()  # how its saved copy is stored (``passes/codec.py``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,8 @@ class Group:
     compressed_node: str = ""
     omega_placeholder: str = ""  # a following group's random draw input ("" when not following)
     followed_node: str = ""  # the node computing a following group's basis in the graph
+    fmt: codec.Format = codec.Format()  # its saved copy's format and layout
+    seed_row: int | None = None  # a quantized group's row of the ``prac_seeds`` input
 
     @property
     def rank(self) -> int:
@@ -141,6 +146,7 @@ class GraphState:
     groups: list[Group] = dataclasses.field(default_factory=list)
     results: list[PassResult] = dataclasses.field(default_factory=list)
     stats_placeholder: str = ""  # the ``prac_stats`` input the rewrite adds after the bases
+    seeds_placeholder: str = ""  # ``prac_seeds`` (quantized groups, 2) int64, after the stats
     followed: int = 0  # extra outputs: the bases of following groups, after the graph's own
     head_losses: list = dataclasses.field(default_factory=list)  # head_loss.HeadLoss records
     # Logits returned by a head-and-loss op that computed its gradients in the forward, without

@@ -38,9 +38,9 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         # sites sharing an input share one basis; per-site ranks that differ: the largest
         first = max(sites, key=lambda s: (s.r1 + s.r2, s.r1))
         for s in sites:
-            s.r1, s.r2 = first.r1, first.r2
+            s.r1, s.r2, s.fmt = first.r1, first.r2, first.fmt
         group = Group(key=key, input_node=input_node, n=first.n, r1=first.r1, r2=first.r2,
-                      sites=[s.node for s in sites])
+                      sites=[s.node for s in sites], fmt=first.fmt)
         for s in sites:
             s.group = key
         groups.append(group)

@@ -53,6 +53,9 @@ ROLE_FOLLOW = "follow"  # follow_basis: a following group's basis built in the g
 ROLE_STATS = "stats"  # the placeholder whose gradient receives the running statistics
 ROLE_STATS_ROW = "stats row"  # stats[i], one rewritten site's row
 ROLE_HEAD_LOSS = "head loss"  # the chunked head + cross-entropy op and what reads its outputs
+ROLE_SEEDS = "seeds"  # the placeholder of the quantized groups' rounding seeds, (groups, 2) int64
+ROLE_SEED_ROW = "seed row"  # seeds[i], one quantized group's pair
+ROLE_PART = "copy part"  # one tensor of a quantized copy (principal part, codes, scales)
 ROLES = (ROLE_BASIS, ROLE_COMPRESS, ROLE_SITE, ROLE_OMEGA, ROLE_FOLLOW, ROLE_STATS, ROLE_STATS_ROW,
-         ROLE_HEAD_LOSS)
-INPUT_ROLES = (ROLE_BASIS, ROLE_OMEGA, ROLE_STATS)  # the placeholders the rewrite appends, in order
+         ROLE_HEAD_LOSS, ROLE_SEEDS, ROLE_SEED_ROW, ROLE_PART)
+INPUT_ROLES = (ROLE_BASIS, ROLE_OMEGA, ROLE_STATS, ROLE_SEEDS)  # the placeholders the rewrite appends, in order

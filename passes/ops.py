@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prac_fx.passes import kinds, torch_seam
+from prac_fx.passes import codec, kinds, torch_seam
 
 KINDS = kinds.LINEAR_KINDS
 
@@ -87,7 +87,8 @@ class CompressedLinear(torch.autograd.Function):
     """Exact forward, exact input gradient, factored low-rank weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_compressed, basis, kind, r1=0, stats=None):
+    def forward(ctx, x, weight, bias, x_compressed, basis, kind, r1=0, stats=None, codes=None,
+                scales=None, spec="", layout=codec.PROJECT):
         if kind == kinds.LINEAR:
             out = F.linear(x, weight, bias)
         elif kind == kinds.ADDMM:
@@ -100,12 +101,13 @@ class CompressedLinear(torch.autograd.Function):
         ctx.r1 = r1
         ctx.with_stats = stats is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x_compressed, basis, weight)
+        ctx.spec, ctx.layout = spec, layout
+        ctx.save_for_backward(x_compressed, basis, weight, codes, scales)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_compressed, basis, weight = ctx.saved_tensors
+        x_compressed, basis, weight, codes, scales = ctx.saved_tensors
         weight_is_out_in = ctx.kind == kinds.LINEAR  # (m, n) for linear, (n, m) otherwise
         m = weight.shape[0] if weight_is_out_in else weight.shape[1]
         grad_x = grad_weight = grad_bias = grad_stats = None
@@ -117,7 +119,14 @@ class CompressedLinear(torch.autograd.Function):
 
         grad_out_2d = grad_out.reshape(-1, m)  # (N, m)
         with_stats = ctx.with_stats and ctx.needs_input_grad[7]
-        if ctx.needs_input_grad[1] or with_stats:
+        if (ctx.needs_input_grad[1] or with_stats) and codes is not None:
+            # a quantized copy (passes/codec.py): dW from its decoded form, in factored order
+            grad_weight, grad_stats = codec.weight_grad(grad_out_2d, x_compressed, codes, scales, basis,
+                                                        ctx.r1, ctx.spec, ctx.layout, with_stats)
+            if not weight_is_out_in:
+                grad_weight = grad_weight.t()
+            grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        elif ctx.needs_input_grad[1] or with_stats:
             basis_c = basis.to(x_compressed.dtype)
             g = grad_out_2d.to(x_compressed.dtype)
             if weight_is_out_in:
@@ -133,12 +142,14 @@ class CompressedLinear(torch.autograd.Function):
             if with_stats:
                 # [||G Q1||^2, ||sqrt(k) G Q2||^2]: the running variance estimate's inputs
                 a = a.float()
-                grad_stats = torch.stack([a[:, :ctx.r1].square().sum(), a[:, ctx.r1:].square().sum()])
+                grad_stats = torch.stack([a[:, :ctx.r1].square().sum(), a[:, ctx.r1:].square().sum(),
+                                          a.new_zeros(())])
 
         # grad_bias = sum over rows of grad_out: exact.
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out_2d.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, grad_stats
+        return (grad_x, grad_weight, grad_bias, None, None, None, None, grad_stats, None, None,
+                None, None)
 
 
 # The target of the graph nodes the rewrite inserts (``torch_seam.graph_function``).

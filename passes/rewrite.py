@@ -34,7 +34,7 @@ import operator
 import torch
 import torch.fx
 
-from prac_fx.passes import kinds, torch_seam
+from prac_fx.passes import codec, kinds, torch_seam
 from prac_fx.passes.graph_state import GraphState, PassResult, SitePolicy
 from prac_fx.passes.ops import compress, compressed_linear, follow_basis
 from prac_fx.passes.sites import match
@@ -65,7 +65,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
     sites = {s.node: s for s in state.sites}
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
-    def placeholder(name, shape, device, role, group=None, requires_grad=False):
+    def placeholder(name, shape, device, role, group=None, requires_grad=False,
+                    dtype=torch.float32):
         nonlocal last
         with graph.inserting_after(last):
             node = graph.placeholder(name)
@@ -74,7 +75,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
         last = node
         if fake_mode is not None:
             node.meta["example_value"] = fake_mode.from_tensor(
-                torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=requires_grad),
+                torch.zeros(shape, dtype=dtype, device=device, requires_grad=requires_grad),
                 static_shapes=True)
         result.nodes_created += 1
         return node
@@ -95,10 +96,19 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
                                         kinds.ROLE_OMEGA, index)
             group.omega_placeholder = omegas[index].name
     n_sites = sum(len(g.sites) for g in state.groups)
-    stats = placeholder("prac_stats", (n_sites, 2), devices[0], kinds.ROLE_STATS,
+    stats = placeholder("prac_stats", (n_sites, 3), devices[0], kinds.ROLE_STATS,
                         requires_grad=True)
     state.stats_placeholder = stats.name
     stats_val = stats.meta.get("example_value")
+    quantized = [i for i, g in enumerate(state.groups) if g.fmt.quantized]
+    seeds = seeds_val = None
+    if quantized:
+        seeds = placeholder("prac_seeds", (len(quantized), 2), devices[quantized[0]],
+                            kinds.ROLE_SEEDS, dtype=torch.int64)
+        state.seeds_placeholder = seeds.name
+        seeds_val = seeds.meta.get("example_value")
+        for row, index in enumerate(quantized):
+            state.groups[index].seed_row = row
 
     followed = []  # the in-graph bases the graph returns, in group order
     stat_index = 0
@@ -124,15 +134,44 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
                         group.r1, iters, _scale(group, policy))
             group.followed_node = basis.name
             followed.append(basis)
-        with graph.inserting_before(first):
-            x_compressed = graph.call_function(compress, (x, basis))
-        x_compressed.meta["stack_trace"] = first.meta.get("stack_trace")
-        x_compressed.meta[kinds.TAG] = {"role": kinds.ROLE_COMPRESS, "group": index}
-        if x_mode is not None:
-            with x_mode:  # in the mode of the graph's own example values
-                x_compressed.meta["example_value"] = compress(
-                    x_val, group.spec.empty(devices[index]))
-        group.compressed_node = x_compressed.name
+        fmt = group.fmt
+        quant = ()  # the trailing arguments of a quantized site: codes, scales, spec, layout
+        if fmt.quantized:
+            with graph.inserting_before(first):
+                seed_row = graph.call_function(operator.getitem, (seeds, group.seed_row))
+                args = (x, basis, seed_row, group.r1, fmt.spec, fmt.layout)
+                copy = graph.call_function(codec.compress, args)
+                parts = [graph.call_function(operator.getitem, (copy, i)) for i in range(3)]
+            seed_row.meta[kinds.TAG] = {"role": kinds.ROLE_SEED_ROW, "group": index}
+            copy.meta[kinds.TAG] = {"role": kinds.ROLE_COMPRESS, "group": index}
+            for part in parts:
+                part.meta[kinds.TAG] = {"role": kinds.ROLE_PART, "group": index}
+            for node in (seed_row, copy, *parts):
+                node.meta["stack_trace"] = first.meta.get("stack_trace")
+            if seeds_val is not None:
+                with seeds_val.fake_mode:
+                    seed_row.meta["example_value"] = seeds_val[group.seed_row]
+            if x_mode is not None:
+                with x_mode:
+                    vals = codec.compress(x_val, group.spec.empty(devices[index]),
+                                          torch.zeros(2, dtype=torch.int64, device=devices[index]),
+                                          group.r1, fmt.spec, fmt.layout)
+                copy.meta["example_value"] = vals
+                for part, val in zip(parts, vals):
+                    part.meta["example_value"] = val
+            x_compressed = parts[0]  # the residual's principal part; (N, 0) otherwise
+            quant = (parts[1], parts[2], fmt.spec, fmt.layout)
+            group.compressed_node = copy.name
+        else:
+            with graph.inserting_before(first):
+                x_compressed = graph.call_function(compress, (x, basis))
+            x_compressed.meta["stack_trace"] = first.meta.get("stack_trace")
+            x_compressed.meta[kinds.TAG] = {"role": kinds.ROLE_COMPRESS, "group": index}
+            if x_mode is not None:
+                with x_mode:  # in the mode of the graph's own example values
+                    x_compressed.meta["example_value"] = compress(
+                        x_val, group.spec.empty(devices[index]))
+            group.compressed_node = x_compressed.name
         result.nodes_created += 1
         for name in group.sites:
             site_node = nodes[name]
@@ -141,8 +180,8 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             with graph.inserting_before(site_node):
                 row = graph.call_function(operator.getitem, (stats, stat_index))
                 new = graph.call_function(
-                    compressed_linear, (x, weight, bias, x_compressed, basis, kind, group.r1, row)
-                )
+                    compressed_linear,
+                    (x, weight, bias, x_compressed, basis, kind, group.r1, row, *quant))
             row.meta["stack_trace"] = site_node.meta.get("stack_trace")
             row.meta[kinds.TAG] = {"role": kinds.ROLE_STATS_ROW, "group": index}
             if stats_val is not None:

@@ -217,6 +217,9 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             site.reason = kinds.TOO_FEW_ROWS
             continue
         site.r1, site.r2 = ranks
+        format_for = getattr(policy, "format_for", None)
+        if format_for is not None:
+            site.fmt = format_for(site.n, site.module)
         site.reason = None
         site.status = kinds.CANDIDATE
         result.sites_matched += 1

@@ -230,14 +230,20 @@ class PracBackend:
         extra += [g.omega_placeholder for g in state.groups if g.omega_placeholder]
         if state.stats_placeholder:
             extra.append(state.stats_placeholder)
+        if state.seeds_placeholder:
+            extra.append(state.seeds_placeholder)
         examples = [work_nodes[name].meta.get("example_value") for name in extra]
         if any(e is None for e in examples):
             examples = [g.spec.zeros(d) for g, d in zip(state.groups, devices)]
             examples += [torch.zeros(g.n, g.r2, device=d) for g, d in zip(state.groups, devices)
                          if g.omega_placeholder]
             if state.stats_placeholder:
-                examples.append(torch.zeros(sum(len(g.sites) for g in state.groups), 2,
+                examples.append(torch.zeros(sum(len(g.sites) for g in state.groups), 3,
                                             device=devices[0], requires_grad=True))
+            if state.seeds_placeholder:
+                quantized = [d for g, d in zip(state.groups, devices) if g.fmt.quantized]
+                examples.append(torch.zeros(len(quantized), 2, dtype=torch.int64,
+                                            device=quantized[0]))
         return _Plan(work, state, devices, examples)
 
     def _without_kept(self, gm, example_inputs, record: GraphRecord, plan: _Plan,
@@ -410,7 +416,7 @@ def backend(*, rank: int | float | Mapping[str, int | float] = 0.25, compiler: s
     ``split``, ``refresh_every``, ``early_refits``, ``resample_every``, ``seed``,
     ``site_filter``, ``complement_scale``, ``exact_heads``, ``subspace_iters``, ``head_loss``,
     ``head_loss_chunk_rows``, ``head_loss_grad_in_forward``, ``memory_budget``, ``complement``,
-    ``exact_if_kept``, ``strict``);
+    ``exact_if_kept``, ``bits``, ``group_size``, ``scale_dtype``, ``residual``, ``strict``);
     ``compiler="eager"`` runs the rewritten graph through AOTAutograd without Inductor (for
     debugging).
     """

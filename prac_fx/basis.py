@@ -48,7 +48,7 @@ class GroupBasis:
     refreshes: int = 0
     resamples: int = 0
     omega: torch.Tensor | None = None  # (n, r2) float32 on ``device``: a following group's draw
-    # (sites, 2) float32 on ``device``: moving averages of each site's [||A1||^2, ||A2||^2]
+    # (sites, 3) float32 on ``device``: moving averages of each site's [||A1||^2, ||A2||^2, q]
     stats: torch.Tensor | None = None
     # complement="cycle": (n, n - r1) float32 on the CPU, the window's Haar basis of Q1's
     # complement, and the block of it P holds now (block b: columns b r2 ... b r2 + r2 - 1, mod n - r1)
@@ -303,7 +303,9 @@ class BasisStore:
         g.q1 = q1_now
         g.keep_q1_on_host()
         g.q1 = None  # now P's first r1 columns (and the host copy, off the CPU)
-        g.basis = torch.cat(parts, dim=1).to(g.device).contiguous()
+        # no part at all: a quantized copy of x itself (codec.IDENTITY) keeps an (n, 0) basis
+        basis = torch.cat(parts, dim=1) if parts else torch.zeros(g.n, 0)
+        g.basis = basis.to(g.device).contiguous()
         g.resamples += int(redraw)
 
     @staticmethod
@@ -332,7 +334,7 @@ class BasisStore:
     STATS_DECAY = 0.9  # moving average over about ten training calls
 
     def observe(self, key: str, rows: torch.Tensor) -> None:
-        """One backward's squared norms ``[||A1||^2, ||A2||^2]`` (sites, 2) of a group's sites
+        """One backward's ``[||A1||^2, ||A2||^2, q]`` (sites, 3) of a group's sites
         (``passes.ops``), folded into the moving averages on the device: no host sync."""
         g = self.groups.get(key)
         if g is None:
@@ -348,13 +350,13 @@ class BasisStore:
         moving averages estimate it, ``(k - 1) ||A2||^2 / (||A1||^2 + ||A2||^2)``
         (``prac_fx.variance``); None before its first backward, or with a ``complement_scale``
         other than the unbiased one (the identity does not hold there)."""
+        from prac_fx.variance import _k_of, has_estimate, running_estimate
+
         g = self.groups.get(key)
-        if g is None or g.stats is None or site >= g.stats.shape[0] or g.r2 == 0 \
+        if g is None or not has_estimate(g) or site >= g.stats.shape[0] \
                 or self.config.complement_scale is not None:
             return None
-        from prac_fx.variance import running_estimate
-
-        return running_estimate(*g.stats[site].tolist(), (g.n - g.r1) / g.r2)
+        return running_estimate(*g.stats[site].tolist(), _k_of(g))
 
     def basis(self, key: str) -> torch.Tensor:
         return self.groups[key].basis

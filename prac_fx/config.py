@@ -7,6 +7,8 @@ import numbers
 import os
 from typing import Callable, Mapping
 
+from prac_fx.passes import codec
+
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -19,7 +21,7 @@ ENV_PREFIX = "PRAC_FX_"
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
 _ENV_FIELDS = ("rank", "split", "refresh_every", "early_refits", "resample_every", "seed",
                "complement_scale", "exact_heads", "subspace_iters", "complement", "exact_if_kept",
-               "strict")
+               "strict", "bits", "group_size", "scale_dtype", "residual")
 _FLAGS = {"1": True, "true": True, "0": False, "false": False}
 
 
@@ -81,6 +83,39 @@ def parse_rank(text: str, what: str = "rank") -> int | float | dict[str, int | f
                              f"(KEY a module path substring or *), got {part!r}")
         ranks[key.strip()] = parse_number(value.strip(), what)
     return ranks
+
+
+def parse_bits(text: str, what: str = "bits") -> int | str | None | dict[str, int | str | None]:
+    """``bits`` as a user types it: ``8``, ``4``, ``2``, ``fp8``, ``none``, or per site
+    ``*=8,attn=4`` (module path substrings, as ``rank`` takes them)."""
+    def one(value: str):
+        value = value.strip().lower()
+        if value in ("none", ""):
+            return None
+        if value == codec.FP8:
+            return codec.FP8
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"invalid {what} {value!r}: give 8, 4, 2, fp8 or none") from None
+    if "=" not in text:
+        return one(text)
+    out = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what}: per-site bits are written KEY=BITS, comma-separated "
+                             f"(KEY a module path substring or *), got {part!r}")
+        out[key.strip()] = one(value)
+    return out
+
+
+def _by_path(mapping: Mapping, module_path: str):
+    """The entry of the longest key ``module_path`` contains, else ``"*"``'s (None without)."""
+    keys = [k for k in mapping if k != "*" and k in module_path]
+    if keys:
+        return mapping[max(keys, key=len)]
+    return mapping.get("*")
 
 
 def exclude_filter(parts: tuple[str, ...]) -> Callable[[str], bool]:
@@ -193,6 +228,26 @@ class PracConfig:
             rewritten graph once (tracing only, under the budget the compile will use) and
             rewrites the graph again without them; the report gives their reason
             (``kinds.KEPT_ANYWAY``). Costs one more trace of each training graph at compile time.
+        bits: how the saved copy is stored (``passes/codec.py``). None (the default): in the
+            input's dtype, as PRAC's projection alone. ``8``, ``4`` or ``2``: integers with
+            stochastic rounding (unbiased), 4 and 2 bits packed into bytes; ``"fp8"``:
+            float8_e4m3fn with round-to-nearest (biased, as GPU float8 training stores it). What
+            gets quantized follows from ``rank`` and ``residual``: with a rank covering the whole
+            width (``rank=1.0``) the input itself (no basis, no refit); below it, PRAC's
+            projection ``x P``; with ``residual=True``, the residual beside a principal part. A
+            mapping gives bits per site, keyed as ``rank``'s (``{"*": 8, "down_proj": 4}``);
+            a site no key names keeps None. Sites sharing an input share one format.
+        group_size: columns per scale of a quantized copy: None (the default, one scale per
+            row) or 32, 64, 128. A width the group does not divide is padded with zeros (the
+            padding is stored; ``saved_bytes`` counts it).
+        scale_dtype: the scales' dtype, ``"bfloat16"`` (the default; rounded up, so no value
+            leaves the range) or ``"float32"``. Their bytes count in the copy's.
+        residual: with ``bits``, save a principal part ``x Q1`` of ``rank`` columns (Q1 refitted
+            as PRAC's, every ``refresh_every`` calls; kept in 16 bits) and the quantized residual
+            ``x - (x Q1) Q1^T`` in place of PRAC's random part; ``split`` is not used. The weight
+            gradient ``(dY^T (x Q1)) Q1^T + dY^T decode(q(R))`` stays unbiased, and the principal
+            part takes the few directions that carry the outliers, so the residual quantizes
+            with a smaller scale.
         strict: raise ``prac_fx.FallbackError`` where a training graph would fall back to plain
             Inductor (the passes fail on it, or its rewritten form fails to compile), naming the
             cause, instead of warning once and training uncompressed. The default is the
@@ -216,6 +271,10 @@ class PracConfig:
     memory_budget: float | None = None
     complement: str = "held"
     exact_if_kept: bool = False
+    bits: int | str | None | Mapping[str, int | str | None] = None
+    group_size: int | None = None
+    scale_dtype: str = "bfloat16"
+    residual: bool = False
     strict: bool = dataclasses.field(default_factory=_env_strict)
 
     def __post_init__(self):
@@ -263,7 +322,23 @@ class PracConfig:
                 or not 0 <= self.subspace_iters <= 8:
             raise ValueError(f"subspace_iters must be an int in [0, 8] (subspace iterations per "
                              f"training call), got {self.subspace_iters!r}")
-        for name in ("head_loss", "exact_if_kept", "strict"):
+        bits = self.bits
+        if isinstance(bits, Mapping):
+            if not bits or not all(isinstance(k, str) and k for k in bits):
+                raise ValueError(f"bits as a mapping needs at least one entry, each keyed by a "
+                                 f"non-empty substring of a module path (or '*'), got {bits!r}")
+            object.__setattr__(self, "bits", dict(bits))
+            bit_values = list(bits.values())
+        else:
+            bit_values = [bits]
+        for value in bit_values:
+            codec.check(value, self.group_size, self.scale_dtype)
+        if not bit_values:
+            codec.check(None, self.group_size, self.scale_dtype)
+        if self.residual is True and all(v is None for v in bit_values):
+            raise ValueError("residual=True saves a quantized residual beside the principal part "
+                             f"and needs bits (one of {codec.BITS}), got bits={self.bits!r}")
+        for name in ("head_loss", "exact_if_kept", "strict", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         budget = self.memory_budget
@@ -300,7 +375,11 @@ class PracConfig:
         or ``none``),
         ``PRAC_FX_SEED``, ``PRAC_FX_COMPLEMENT_SCALE`` (a number or ``none``),
         ``PRAC_FX_SUBSPACE_ITERS``, ``PRAC_FX_COMPLEMENT`` (``held`` or ``cycle``),
-        ``PRAC_FX_EXACT_IF_KEPT`` and ``PRAC_FX_STRICT`` (``1``/``true`` or ``0``/``false``),
+        ``PRAC_FX_BITS`` (``8``, ``4``, ``2``, ``fp8``, ``none``, or per site ``*=8,attn=4``),
+        ``PRAC_FX_GROUP_SIZE`` (32, 64, 128, or ``row``/``none``), ``PRAC_FX_SCALE_DTYPE``
+        (``bfloat16`` or ``float32``),
+        ``PRAC_FX_EXACT_IF_KEPT``, ``PRAC_FX_RESIDUAL`` and ``PRAC_FX_STRICT`` (``1``/``true`` or
+        ``0``/``false``),
         ``PRAC_FX_EXACT_HEADS`` (comma-separated module names; empty compresses heads too) and
         ``PRAC_FX_EXCLUDE`` (comma-separated substrings of module paths left exact). Unset ones
         keep their defaults. Values are checked like ``PracConfig(...)`` arguments; an unknown
@@ -322,9 +401,13 @@ class PracConfig:
             if field is None:
                 raise ValueError(f"unknown environment variable {key}; prac_fx reads {allowed}")
             text = text.strip()
-            if field == "complement":
+            if field in ("complement", "scale_dtype"):
                 kwargs[field] = text
-            elif field in ("exact_if_kept", "strict"):
+            elif field == "bits":
+                kwargs[field] = parse_bits(text, key)
+            elif field == "group_size":
+                kwargs[field] = None if text.lower() in ("none", "row", "") else parse_number(text, key)
+            elif field in ("exact_if_kept", "strict", "residual"):
                 flag = _FLAGS.get(text.lower())
                 if flag is None:
                     raise ValueError(f"{key} must be 1, true, 0 or false, got {text!r}")
@@ -348,10 +431,31 @@ class PracConfig:
         of the longest key the path contains, else its ``"*"`` entry; None when neither."""
         if not isinstance(self.rank, Mapping):
             return self.rank
-        keys = [k for k in self.rank if k != "*" and k in module_path]
-        if keys:
-            return self.rank[max(keys, key=len)]
-        return self.rank.get("*")
+        return _by_path(self.rank, module_path)
+
+    def bits_for(self, module_path: str) -> int | str | None:
+        """The ``bits`` of the site at ``module_path`` (a mapping read as ``rank_for`` reads one)."""
+        return _by_path(self.bits, module_path) if isinstance(self.bits, Mapping) else self.bits
+
+    def _covers(self, n: int, module_path: str) -> bool:
+        rank = self.rank_for(module_path)
+        if isinstance(rank, numbers.Integral):
+            return rank >= n
+        return rank is not None and min(n, max(1, round(rank * n))) >= n
+
+    def format_for(self, n: int, module_path: str = "") -> codec.Format:
+        """The saved copy's format and layout at ``module_path`` for an input of width ``n``:
+        unquantized projection without ``bits``; with them, the input itself where the rank
+        covers the width, a principal part plus a quantized residual under ``residual``, else
+        the quantized projection."""
+        bits = self.bits_for(module_path)
+        if bits is None:
+            return codec.Format()
+        if self._covers(n, module_path):
+            layout = codec.IDENTITY
+        else:
+            layout = codec.RESIDUAL if self.residual else codec.PROJECT
+        return codec.Format(bits, self.group_size, self.scale_dtype, layout)
 
     def ranks(self, n: int, module_path: str = "") -> tuple[int, int] | None:
         """(r1, r2) for an input of width ``n`` at ``module_path``; None when ``n`` is below an
@@ -365,6 +469,11 @@ class PracConfig:
             r = int(rank)
         else:
             r = min(n, max(1, round(rank * n)))
+        layout = self.format_for(n, module_path).layout
+        if layout == codec.IDENTITY:
+            return 0, 0  # no basis: the quantized copy is of x itself
+        if layout == codec.RESIDUAL:
+            return r, 0  # the rank is the principal part's; the residual replaces Q2
         r1 = int(self.split) if isinstance(self.split, numbers.Integral) else round(self.split * r)
         return r1, r - r1
 

@@ -4,7 +4,7 @@ Per training call it (1) refits the principal basis of every group that is due, 
 probe graph (a no-grad forward that returns Gram matrices, with the RNG state restored after, so
 dropout masks are the same as without the probe); (2) redraws random complements that are due, or moves cycling ones to their next block;
 (3) calls the compiled graph with the bases appended to the arguments, and after them a fresh
-leaf ``stats`` (sites, 2) whose gradient the backward fills with each site's squared norms
+leaf ``stats`` (sites, 3) whose gradient the backward fills with each site's squared norms
 ``[||A1||^2, ||A2||^2]``; (4) counts the call. The leaves of earlier calls are read when the next
 training call starts or when ``collect()`` is called (by ``backend.report()``), once their
 backward has run, and go into the store's running variance estimate.
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from prac_fx.basis import BasisStore
-from prac_fx.passes import torch_seam
+from prac_fx.passes import codec, torch_seam
 from prac_fx.passes.chunked_ce import attach_logits_grad
 from prac_fx.passes.graph_state import Group
 
@@ -60,6 +60,8 @@ class PracRunner:
         self.n_sites = sum(len(g.sites) for g in self.groups)  # rows of the stats input
         self.followed = sum(1 for g in self.groups if g.omega_placeholder)  # extra outputs
         self._pending: list[tuple[torch.Tensor, list[str]]] = []  # (stats leaf, keys) per call
+        # the quantized groups, in the order of the ``prac_seeds`` rows (``Group.seed_row``)
+        self.quantized = [i for i, g in enumerate(self.groups) if g.seed_row is not None]
         # returned logits to give back their gradient path (``GraphState.logits_grads``)
         self.logits_grads = list(logits_grads)
 
@@ -109,8 +111,19 @@ class PracRunner:
         no compressed site (only its head and loss rewritten)."""
         if not self.n_sites:
             return []
-        return [torch.zeros(self.n_sites, 2, dtype=torch.float32, device=device,
+        return [torch.zeros(self.n_sites, 3, dtype=torch.float32, device=device,
                             requires_grad=requires_grad)]
+
+    def _seeds(self, keys: list[str], device) -> list[torch.Tensor]:
+        """The rounding seeds of the quantized groups, as a list to append to the arguments:
+        a hash of the backend's seed, the group's key and its call counter (``codec.call_seeds``),
+        so each call draws anew and a resumed run draws what the uninterrupted one would."""
+        if not self.quantized:
+            return []
+        store = self.store
+        rows = [codec.call_seeds(store.seed, keys[i], store.groups[keys[i]].calls)
+                for i in self.quantized]
+        return [torch.tensor(rows, dtype=torch.int64, device=device)]
 
     def collect(self) -> None:
         """Move the squared norms of every call whose backward has run into the store."""
@@ -136,7 +149,9 @@ class PracRunner:
             bases.append(basis)
         stats = self._stats(bases[0].device if bases else None, True)
         omegas = self._omegas(self.keys, bases, draw=False)
-        return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]), args)[0]
+        seeds = self._seeds(self.keys, bases[self.quantized[0]].device) if self.quantized else []
+        return self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats, *seeds]),
+                           args)[0]
 
     def _omegas(self, keys: list[str], bases: list, draw: bool) -> list[torch.Tensor]:
         """The held draws of the following groups, in group order. A group with none yet (a
@@ -198,7 +213,9 @@ class PracRunner:
         for spec, key, basis in zip(self.specs, keys, bases):
             spec.check(basis, key)
         stats = self._stats(bases[0].device if bases else None, training)
-        out, followed = self._split(call_compiled(self.compiled, [*args, *bases, *omegas, *stats]), args)
+        seeds = self._seeds(keys, bases[self.quantized[0]].device) if self.quantized else []
+        out, followed = self._split(
+            call_compiled(self.compiled, [*args, *bases, *omegas, *stats, *seeds]), args)
         if training:
             followers = [k for g, k in zip(self.groups, keys) if g.omega_placeholder]
             for key, basis in zip(followers, followed):

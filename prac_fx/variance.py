@@ -78,10 +78,26 @@ def sampled_variance(grad: torch.Tensor, q1: torch.Tensor | None, r2: int, draws
     return total / draws
 
 
-def running_estimate(a1_sq: float, a2_sq: float, k: float) -> float:
-    """Relative variance from one draw: ``(k - 1) ||A2||^2 / (||A1||^2 + ||A2||^2)``."""
+def running_estimate(a1_sq: float, a2_sq: float, k: float, rounding: float = 0.0) -> float:
+    """Relative variance from one draw: ``((k - 1) ||A2||^2 + q) / (||A1||^2 + ||A2||^2)``.
+
+    ``q`` (``rounding``) is a quantized copy's expected rounding error carried to the weight
+    gradient (``passes.codec.weight_grad``; 0 unquantized). For the identity and residual
+    layouts ``||A2||^2`` is the estimate of the energy outside Q1 (all of it without Q1) and
+    ``k = 1``: only the rounding is noise there."""
     denom = a1_sq + a2_sq
-    return (k - 1.0) * a2_sq / denom if denom > 0 else 0.0
+    return ((k - 1.0) * a2_sq + rounding) / denom if denom > 0 else 0.0
+
+
+def _k_of(g) -> float:
+    """k of a store group: ``(n - r1) / r2``, 1 without a random part."""
+    return (g.n - g.r1) / g.r2 if g.r2 else 1.0
+
+
+def has_estimate(g) -> bool:
+    """Whether a store group's stats give a variance estimate: a random part, or rounding (a
+    principal part alone, or fp8's deterministic rounding, is biased and has none)."""
+    return g.stats is not None and (g.r2 > 0 or bool((g.stats[:, 2] > 0).any()))
 
 
 def principal_basis(x: torch.Tensor, r1: int) -> torch.Tensor:
@@ -236,18 +252,18 @@ def table(rows: list[SiteVariance], title: str = "") -> str:
 
 def running(backend) -> dict[str, float]:
     """The backend's running estimate per site (``"group/index"``) and in total,
-    ``sum (k - 1) ||A2||^2 / sum (||A1||^2 + ||A2||^2)`` over its sites (``"total"``): the
+    ``sum ((k - 1) ||A2||^2 + q) / sum (||A1||^2 + ||A2||^2)`` over its sites (``"total"``): the
     gradient-energy-weighted relative variance. Empty before the first backward."""
     backend.collect()
     out, num, den = {}, 0.0, 0.0
     for key, g in backend.store.groups.items():
-        if g.stats is None or g.r2 == 0 or backend.config.complement_scale is not None:
+        if not has_estimate(g) or backend.config.complement_scale is not None:
             continue
-        k = (g.n - g.r1) / g.r2
-        for index, (a1_sq, a2_sq) in enumerate(g.stats.tolist()):
+        k = _k_of(g)
+        for index, (a1_sq, a2_sq, rounding) in enumerate(g.stats.tolist()):
             if a1_sq + a2_sq > 0:
-                out[f"{key}/{index}"] = running_estimate(a1_sq, a2_sq, k)
-            num += (k - 1.0) * a2_sq
+                out[f"{key}/{index}"] = running_estimate(a1_sq, a2_sq, k, rounding)
+            num += (k - 1.0) * a2_sq + rounding
             den += a1_sq + a2_sq
     if den > 0:
         out["total"] = num / den
