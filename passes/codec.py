@@ -185,6 +185,16 @@ def uniform(shape: tuple[int, int], seeds: torch.Tensor) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def _bf16_bits(t: torch.Tensor, up: bool = False) -> torch.Tensor:
+    """float32 ``t`` rounded to a bf16 value, still in float32, by clearing the low 16 bits of
+    its pattern (``up``: towards +inf, for values >= 0; else to nearest even). Done on the bits
+    because Inductor drops a float32 -> bf16 -> float32 round trip inside a fused kernel: the
+    forward would then quantize against one value and the backward decode with another."""
+    bits = t.view(torch.int32)
+    carry = 0xFFFF if up else 0x7FFF + ((bits >> 16) & 1)
+    return ((bits + carry) & -0x10000).view(torch.float32)
+
+
 # -- encode / decode -------------------------------------------------------------------------------
 def encode(v: torch.Tensor, seeds: torch.Tensor, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``v`` (N, w) -> ``(codes, scales)``: codes (N, padded / pack) uint8 (float8_e4m3fn for fp8),
@@ -201,12 +211,18 @@ def encode(v: torch.Tensor, seeds: torch.Tensor, spec: str) -> tuple[torch.Tenso
     top = FP8_MAX if fmt.bits == FP8 else float(2 ** (int(fmt.bits) - 1) - 1)
     scale = absmax / top
     if fmt.scale_dtype == "bfloat16":
-        # round up: the bf16 scale is never below the float32 one (relative error <= 2^-8)
-        scale = (scale * (1.0 + 2.0 ** -7)).to(torch.bfloat16)
-    scale_f = scale.float()
+        # Round up to bf16 on the bits (clear the low 16 bits of the float32 pattern, carrying
+        # into the high ones), so the float32 value used here is exactly the bf16 one stored:
+        # Inductor drops a float32 -> bf16 -> float32 round trip inside a fused kernel, which
+        # would quantize with one scale and decode with another (a bias of up to 2^-8).
+        scale_f = _bf16_bits(scale, up=True)  # >= scale: no value is clipped
+        scale = scale_f.to(torch.bfloat16)
+    else:
+        scale_f = scale
     t = vg * torch.where(scale_f > 0, 1.0 / scale_f, 0.0)
     if fmt.bits == FP8:
-        codes = t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(rows, padded)
+        t = torch.where(finite, t.clamp(-FP8_MAX, FP8_MAX), float("nan"))  # e4m3fn has no inf
+        codes = t.to(torch.float8_e4m3fn).view(rows, padded)
         return codes, scale.view(rows, groups)
     half = 2 ** (int(fmt.bits) - 1)
     u = uniform((rows, padded), seeds).view(rows, groups, padded // groups)
@@ -284,8 +300,14 @@ def compress(x: torch.Tensor, basis: torch.Tensor, seeds: torch.Tensor, r1: int,
         # the principal part of the finite values only: an inf or NaN stays where it is in the
         # residual (its code marks it), instead of spreading over the whole row through x Q1
         finite = torch.where(torch.isfinite(xf), xf, 0.0)
-        principal = torch.mm(finite, q1).to(principal_dtype(x.dtype))  # (N, r1)
-        residual = xf - torch.mm(principal.float(), q1.t())  # (N, n), lives in this kernel only
+        principal = torch.mm(finite, q1)  # (N, r1)
+        dtype = principal_dtype(x.dtype)
+        if dtype == torch.bfloat16:
+            principal = _bf16_bits(principal)  # the value kept, exactly (see _bf16_bits)
+        else:
+            principal = principal.to(dtype).float()
+        residual = xf - torch.mm(principal, q1.t())  # (N, n), lives in this kernel only
+        principal = principal.to(dtype)
         return (principal, *encode(residual, seeds, spec))
 
 

@@ -70,6 +70,18 @@ class Site:
     r2: int = 0
     stat_index: int | None = None  # its row of the graph's ``prac_stats`` input, once rewritten
     fmt: codec.Format = codec.Format()  # how its saved copy is stored (``passes/codec.py``)
+    rows: int | None = None  # N, the input's rows (None where a dimension is symbolic)
+    itemsize: int = 4  # bytes per element of the input (its dtype, autocast's where it applies)
+
+    @property
+    def saved_bytes(self) -> int | None:
+        """Bytes of its group's saved copy (shared by the group's sites): ``x P`` in the input's
+        dtype, or the quantized copy's codes, scales and principal part (``Format.saved_bytes``);
+        None with symbolic rows."""
+        if self.rows is None:
+            return None
+        width = self.n if self.fmt.layout != codec.PROJECT else self.r1 + self.r2
+        return self.fmt.saved_bytes(self.rows, width, self.r1, self.itemsize)
 
 
 @dataclasses.dataclass(frozen=True)

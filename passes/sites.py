@@ -217,6 +217,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             site.reason = kinds.TOO_FEW_ROWS
             continue
         site.r1, site.r2 = ranks
+        site.rows, site.itemsize = rows, x_val.element_size()
         format_for = getattr(policy, "format_for", None)
         if format_for is not None:
             site.fmt = format_for(site.n, site.module)

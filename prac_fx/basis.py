@@ -356,7 +356,8 @@ class BasisStore:
         if g is None or not has_estimate(g) or site >= g.stats.shape[0] \
                 or self.config.complement_scale is not None:
             return None
-        return running_estimate(*g.stats[site].tolist(), _k_of(g))
+        a1_sq, a2_sq, rounding = g.stats[site].tolist()
+        return running_estimate(a1_sq, a2_sq, _k_of(g), rounding)
 
     def basis(self, key: str) -> torch.Tensor:
         return self.groups[key].basis

@@ -183,6 +183,8 @@ class Report:
                     "r1": s.r1 if s.status == kinds.REWRITTEN else None,
                     "r2": s.r2 if s.status == kinds.REWRITTEN else None,
                     "status": s.status if s.status == kinds.REWRITTEN else f"skipped: {s.reason}",
+                    "format": s.fmt.name if s.status == kinds.REWRITTEN else "",
+                    "saved bytes": s.saved_bytes if s.status == kinds.REWRITTEN else None,
                     "compressed copy": g.placement.get(s.group, "") if s.group else "",
                     "rel. variance": self._variance(g, s),
                 })

@@ -17,8 +17,8 @@ def _run(gm, *args):
 
 
 def _stats(state):
-    """The statistics input: a leaf whose gradient receives [||A1||^2, ||A2||^2] per site."""
-    return torch.zeros(sum(len(g.sites) for g in state.groups), 2, requires_grad=True)
+    """The statistics input: a leaf whose gradient receives [||A1||^2, ||A2||^2, q] per site."""
+    return torch.zeros(sum(len(g.sites) for g in state.groups), 3, requires_grad=True)
 
 
 def _rewritten(model, x, **config):
