@@ -41,6 +41,11 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     without it every seed of a variant meets the same sequence of draws
 ``prac-R+sp=f``     PRAC with the principal part's share of the rank set to f (``split``;
                     default 0.5, the paper's r1 = r2)
+``prac-R+q=F``      PRAC whose saved copy is quantized (``bits``, ``group_size``): F is ``8``,
+                    ``4g64``, ``2g64``, ``fp8`` (bits, then ``gG`` for G columns per scale; one
+                    scale per row without). ``prac-n+q=F`` (rank n: the whole width) quantizes
+                    x itself, with no basis
+``prac-R+res+q=F``  a principal part of rank R beside the quantized residual (``residual``)
 ``prac-R+skip=W``   ablation: PRAC leaving exact every site whose module path contains W
                     (``skip=attn``: only the MLPs compressed; ``skip=mlp``: only attention)
 ``prac-R+nohead``   PRAC with the head-and-loss pass off (``head_loss=False``): the head and
@@ -70,7 +75,16 @@ from prac_fx.config import exclude_filter
 from prac_fx.passes import torch_seam
 from bench.harness import Variant
 
-RANKS = {"n/16": 1 / 16, "n/8": 1 / 8, "n/4": 1 / 4, "0.6n": 0.6}
+RANKS = {"n/16": 1 / 16, "n/8": 1 / 8, "n/4": 1 / 4, "0.6n": 0.6, "n": 1.0}
+
+
+def parse_quant(text: str) -> dict | None:
+    """``+q=`` of a prac variant: ``8``, ``4g64``, ``2g32``, ``fp8`` (bits, then ``gG`` for G
+    columns per scale, one scale per row without) -> the backend's options; None if malformed."""
+    bits, _, group = text.partition("g")
+    if bits not in ("8", "4", "2", "fp8") or (group and group not in ("32", "64", "128")):
+        return None
+    return {"bits": bits if bits == "fp8" else int(bits), "group_size": int(group) if group else None}
 BUDGET = 0.5
 
 
@@ -222,11 +236,13 @@ def by_name(spec: str) -> Variant:
     per_site = {e for e in extras if e.startswith("r.") and "=" in e
                 and e[2:].partition("=")[0].replace("_", "").replace(".", "").isalnum()
                 and (e.partition("=")[2] in RANKS or _fraction(e.partition("=")[2]))}
-    unknown = (set(extras) - {"allsites", "nohead", "hr", "cyc", "ek"} - timing - follow - set(budgets)
+    quant = [e for e in extras if e.startswith("q=") and parse_quant(e[2:]) is not None]
+    unknown = (set(extras) - {"allsites", "nohead", "hr", "cyc", "ek", "res"} - timing - follow - set(budgets)
+               - set(quant)
                - set(mbs) - skips - early - per_site - draw_seed - splits)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
         raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
-                         f"budget=B, headloss[+hr][+budget[=B]], prac-R[+budget[=B]][+mb=B][+allsites][+nohead][+hr][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+sp=f][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
+                         f"budget=B, headloss[+hr][+budget[=B]], prac-R[+q=F][+res][+budget[=B]][+mb=B][+allsites][+nohead][+hr][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+sp=f][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}; any of them +lrb=F (the compressed "
                          f"weights' lr factor) or +lrf=F (their decay's floor)")
     rank = RANKS[rank_name]
@@ -242,6 +258,12 @@ def by_name(spec: str) -> Variant:
             options["complement"] = "cycle"
         if "ek" in extras:
             options["exact_if_kept"] = True
+        if len(quant) > 1 or ("res" in extras and not quant):
+            raise ValueError(f"one +q=F per variant, and +res needs one, got {spec!r}")
+        if quant:
+            options.update(parse_quant(quant[0][2:]))
+        if "res" in extras:
+            options["residual"] = True
         if per_site:
             ranks = {"*": rank}
             for e in sorted(per_site):
