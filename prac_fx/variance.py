@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from prac_fx.passes import codec
 from prac_fx.passes.ops import follow_basis
 
 FITS = ("state", "batch")
@@ -122,7 +123,7 @@ class SiteVariance:
 
     @property
     def k(self) -> float:
-        return _k(self.n, self.r1, self.r2)
+        return _k(self.n, self.r1, self.r2) if self.r2 else 1.0
 
     @property
     def relative(self) -> float:
@@ -183,10 +184,26 @@ def measure(backend, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
     handles = []
     following = {group.key for group, _ in groups
                  if group.key in backend.store.groups and backend.store.follows(group.key)}
-    if fit == "batch" or following:
-        modules = dict(model.named_modules())
+    quantized = {group.key for group, _ in groups if group.fmt.quantized}
+    out_grads: dict[str, torch.Tensor] = {}  # per quantized site's module: its output gradient
+    modules = dict(model.named_modules())
+    for group, sites in groups:
+        if group.key not in quantized:
+            continue
+        for site in sites:
+            module = modules.get(site.module)
+            if module is None:
+                raise ValueError(f"no module {site.module!r} in the model to read the output "
+                                 f"gradient of site {site.node!r} from")
+
+            def keep_grad(mod, args, out, path=site.module):
+                if isinstance(out, torch.Tensor) and out.requires_grad and path not in out_grads:
+                    out.register_hook(lambda g: out_grads.setdefault(path, g.detach()))
+
+            handles.append(module.register_forward_hook(keep_grad))
+    if fit == "batch" or following or quantized:
         for group, sites in groups:
-            if fit == "state" and group.key not in following:
+            if fit == "state" and group.key not in following | quantized:
                 continue
             module = modules.get(sites[0].module)
             if module is None:
@@ -227,7 +244,14 @@ def measure(backend, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
             q1 = None if state is None or state.q1 is None else state.q1
         for site in sites:
             grad = grads.get(site.weight)
-            if site.weight in shared or grad is None or site.r2 == 0:
+            if site.weight in shared or grad is None:
+                continue
+            if group.fmt.quantized:
+                g = grad if site.kind == "linear" else grad.t()  # (m, n)
+                rows.append(_quantized_site(group, site, g, inputs[group.key],
+                                            out_grads[site.module], q1, draws, generator))
+                continue
+            if site.r2 == 0:
                 continue  # r2 = 0 (split=1.0): no random part, a biased estimate with no variance
             g = grad if site.kind == "linear" else grad.t()  # (m, n)
             rows.append(SiteVariance(
@@ -236,6 +260,38 @@ def measure(backend, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
                 sampled=sampled_variance(g, q1, site.r2, draws, generator),
                 identity=identity_variance(g, q1, site.r2)))
     return rows
+
+
+def _quantized_site(group, site, grad: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor,
+                    q1: torch.Tensor | None, draws: int, generator: torch.Generator) -> SiteVariance:
+    """A quantized copy's variance at one site, from the site's own input and output gradient:
+    ``draws`` independent rounding draws (and, for a projection, draws of Q2 with them), each
+    decoded into the weight gradient exactly as the backward does (``codec.weight_grad``). The
+    "identity" figure is what the running estimate would say: the projection's (k - 1)
+    ||G_perp||^2 plus the expected rounding term ``q`` of one encode."""
+    fmt = group.fmt
+    n, r1, r2 = group.n, group.r1, group.r2
+    x2d = x.detach().reshape(-1, n).float().cpu()
+    dy = grad_out.detach().reshape(x2d.shape[0], -1).float().cpu()
+    q1 = None if q1 is None or not r1 else q1.float().cpu()[:, :r1]
+    g = grad.double().cpu()
+    sampled, rounding = 0.0, 0.0
+    for _ in range(draws):
+        parts = [] if q1 is None else [q1]
+        if r2:
+            k = _k(n, r1, r2)
+            parts.append((complement_draw(q1, n, r2, generator) * math.sqrt(k)).float())
+        basis = torch.cat(parts, dim=1) if parts else torch.zeros(n, 0)
+        seeds = torch.randint(0, 2 ** 31, (2,), generator=generator, dtype=torch.int64)
+        principal, codes, scales = codec.compress(x2d, basis, seeds, r1, fmt.spec, fmt.layout)
+        estimate, stats = codec.weight_grad(dy, principal, codes, scales, basis, r1, fmt.spec,
+                                            fmt.layout, True)
+        sampled += (estimate.double() - g).square().sum().item()
+        rounding += stats[2].item()
+    projection = identity_variance(g, q1, r2) if r2 else 0.0
+    return SiteVariance(group=group.key, module=site.module, n=n, r1=r1, r2=r2,
+                        grad_sq=g.square().sum().item(), sampled=sampled / draws,
+                        identity=projection + rounding / draws)
 
 
 def table(rows: list[SiteVariance], title: str = "") -> str:

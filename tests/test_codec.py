@@ -273,3 +273,31 @@ def test_saved_bytes_fall_with_the_bits():
     # where the partitioner keeps every copy (it does at 4 and 2 bits here), the codes differ
     # by exactly the packing: three sites of 512 x 256 values, at 1/2 and 1/4 byte each
     assert total[1] - total[2] == 3 * 512 * 256 // 4, total
+
+
+@pytest.mark.parametrize("options", [dict(rank=1.0, bits=4, group_size=32),
+                                     dict(rank=8, bits=4, residual=True, group_size=32),
+                                     dict(rank=8, bits=8)], ids=str)
+def test_variance_measure_covers_the_formats(case, options):
+    """``prac_fx.variance.measure`` samples the rounding (and, for a projection, the draw of Q2
+    with it) at every site. The running estimate's rounding term assumes uniform fractional
+    parts (s^2 / 6 per value); inputs that cluster near a level (a GELU's many near-zeros)
+    round with less, so it may overstate the sampled figure, up to about 2x here."""
+    from prac_fx import variance
+
+    model, x, grad_out, _ = case
+    torch._dynamo.reset()
+    be = prac_fx.backend(compiler="eager", **options)
+    compiled = torch.compile(model, backend=be)
+    _step(compiled, model, x, grad_out)
+    rows = variance.measure(be, model, lambda: (model(x) * grad_out).sum(), draws=64)
+    assert {r.module for r in rows} == {"up", "mid", "down"}
+    for r in rows:
+        assert r.relative > 0
+        assert 0.35 < r.relative / r.relative_identity < 1.5, (r.module, r.relative, r.relative_identity)
+    running = variance.running(be)
+    assert running["total"] > 0
+    if options.get("residual") is None and options["rank"] == 8:  # PRAC: the projection dominates
+        assert variance.total(rows) > 0.5
+    else:
+        assert variance.total(rows) < 0.2
