@@ -137,9 +137,9 @@ def _check_schema(report):
                            "heads", "flops", "diffs"}
     assert all(set(g) == {"index", "note"} for g in report["graphs"])
     assert set(report["model"]) == {"spec", "label", "settings"}
-    assert set(report["config"]) == {"rank", "split", "exclude"}
+    assert set(report["config"]) == {"rank", "split", "bits", "group_size", "residual", "exclude"}
     site_keys = {"graph", "node", "module", "kind", "weight", "group", "N", "n", "m", "r1", "r2",
-                 "status", "reason", "compressed_copy"}
+                 "status", "reason", "compressed_copy", "format", "copy_bytes"}
     assert all(set(s) == site_keys for s in report["sites"])
     saved = report["saved"]
     assert set(saved) == {"rows", "totals", "measured", "agrees", "removed", "added", "by_category"}

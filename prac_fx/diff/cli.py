@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
                    "float in (0, 1], or per site '*=0.25,attn=0.125' (default 0.25)")
     d.add_argument("--split", default="0.5", help="principal share of the rank: float in [0, 1] "
                    "or int r1 (default 0.5)")
+    d.add_argument("--bits", default="none", help="store the saved copy in 8, 4 or 2 bits "
+                   "(stochastic rounding) or fp8; none keeps the input's dtype (default), or per "
+                   "site '*=8,down=4'; with --rank 1.0 the input itself is quantized")
+    d.add_argument("--group-size", default="row", help="columns per scale of a quantized copy: "
+                   "32, 64, 128 or row (one per row; default)")
+    d.add_argument("--residual", action="store_true",
+                   help="with --bits: a principal part of --rank columns beside the quantized "
+                        "residual, in place of PRAC's random part")
     d.add_argument("--exclude", action="append", default=[], metavar="TEXT",
                    help="leave sites whose module path contains TEXT exact (repeatable)")
     d.add_argument("--compress-heads", action="store_true",
@@ -105,7 +113,7 @@ def use_color(choice: str, stream, to_file: bool) -> bool:
 
 def _diff(args) -> int:
     from prac_fx import diff
-    from prac_fx.config import PracConfig, exclude_filter, parse_number, parse_rank
+    from prac_fx.config import PracConfig, exclude_filter, parse_bits, parse_number, parse_rank
     from prac_fx.diff import render, workload
 
     try:
@@ -114,8 +122,11 @@ def _diff(args) -> int:
         exclude = list(args.exclude)
         keep = exclude_filter(tuple(exclude)) if exclude else None
         heads = {"exact_heads": ()} if args.compress_heads else {}
+        group = None if args.group_size.strip().lower() in ("row", "none") else \
+            parse_number(args.group_size, "group size")
         config = PracConfig(rank=rank, split=split, site_filter=keep,
-                            exact_if_kept=args.exact_if_kept, **heads)
+                            exact_if_kept=args.exact_if_kept, bits=parse_bits(args.bits),
+                            group_size=group, residual=args.residual, **heads)
     except ValueError as err:
         return _error(str(err))
     kinds = args.graph or ["all"]

@@ -22,15 +22,16 @@ Names are AOTAutograd's. The PRAC side's nodes take the names of the Inductor si
 match (``prac_fx.diff.graph_text.align``), so a tensor both sides save has one name in the saved
 table and in the diffs; a new node keeps its name or takes the next free counter.
 
-JSON schema (``"schema": "prac-fx-diff/1"``)
+JSON schema (``"schema": "prac-fx-diff/2"``)
 --------------------------------------------
 ::
 
     {
-      "schema": "prac-fx-diff/1",
+      "schema": "prac-fx-diff/2",
       "model": {"spec": str, "label": str,
                 "settings": {str: int}},             # preset size, or the batch/seq given
-      "config": {"rank": int | float, "split": int | float, "exclude": [str]},
+      "config": {"rank": int | float, "split": int | float, "bits": null | int | str | {str: ...},
+                 "group_size": null | int, "residual": bool, "exclude": [str]},
       "graphs": [{"index": int, "note": str}],        # one per Dynamo graph (graph breaks);
                                                      # note: why a graph was left unchanged
       "notes": [str],                                # e.g. the two sides' graph counts differ
@@ -47,7 +48,10 @@ JSON schema (``"schema": "prac-fx-diff/1"``)
         "reason": null | "attention" | "nonlinear" | "no trainable weight" | "output head"
                   | "filtered" | "too narrow for the rank" | "too few rows to gain"
                   | "unsupported pattern",
-        "compressed_copy": "" | "saved" | "recomputed in backward" | "not saved"}],
+        "compressed_copy": "" | "saved" | "recomputed in backward" | "not saved",
+        "format": null | str,                        # the copy's format: "float", "int8 row",
+                                                     # "int4 g64", "fp8 row", ...
+        "copy_bytes": null | int}],                  # bytes of its group's copy, if kept
       "saved": {
         "rows": [{"graph": int, "change": "kept" | "removed" | "added",
                   "inductor": TENSOR | null, "prac": TENSOR | null}],
@@ -108,7 +112,7 @@ from prac_fx.passes import kinds
 from prac_fx.passes.kinds import LINEAR_KINDS
 from prac_fx.report import GraphRecord
 
-SCHEMA = "prac-fx-diff/1"
+SCHEMA = "prac-fx-diff/2"  # 2: the sites' format and copy bytes, the config's bits
 GRAPH_KINDS = ("dynamo", "forward", "backward")
 
 
@@ -132,6 +136,8 @@ def _sites(index: int, record: GraphRecord, info: DynamoInfo) -> list[dict]:
             "status": kinds.REWRITTEN if s.status == kinds.REWRITTEN else kinds.SKIPPED,
             "reason": None if s.status == kinds.REWRITTEN else s.reason,
             "compressed_copy": record.placement.get(s.group, "") if s.group else "",
+            "format": s.fmt.name if s.status == kinds.REWRITTEN else None,
+            "copy_bytes": s.saved_bytes if s.status == kinds.REWRITTEN else None,
         })
     return rows
 
@@ -153,7 +159,8 @@ def _logits_path_rows(index: int, record: GraphRecord) -> list[dict]:
 
 
 def config_summary(config: PracConfig, exclude: list[str]) -> dict:
-    return {"rank": config.rank, "split": config.split, "exclude": list(exclude)}
+    return {"rank": config.rank, "split": config.split, "bits": config.bits,
+            "group_size": config.group_size, "residual": config.residual, "exclude": list(exclude)}
 
 
 def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: int = 3,

@@ -51,13 +51,13 @@ def _config(report: dict) -> str:
 # -- sections as rows (shared by text and HTML) ---------------------------------------------------
 def site_rows(report: dict) -> tuple[list[str], list[list]]:
     head = ["graph", "module", "node", "kind", "input group", "N", "n", "m", "r1", "r2", "status",
-            "compressed copy"]
+            "compressed copy", "format", "copy bytes"]
     rows = []
     for s in report["sites"]:
         status = kinds.REWRITTEN if s["status"] == kinds.REWRITTEN else f"skipped: {s['reason']}"
         rows.append([s["graph"], s["module"] or "(root)", s["node"], s["kind"], s["group"] or "",
                      _blank(s["N"]), _blank(s["n"]), _blank(s["m"]), _blank(s["r1"]), _blank(s["r2"]),
-                     status, s["compressed_copy"]])
+                     status, s["compressed_copy"], _blank(s["format"]), _blank(s["copy_bytes"])])
     return head, rows
 
 
