@@ -84,7 +84,14 @@ def follow_basis(x: torch.Tensor, basis_prev: torch.Tensor, omega: torch.Tensor,
 
 
 class CompressedLinear(torch.autograd.Function):
-    """Exact forward, exact input gradient, factored low-rank weight gradient."""
+    """Exact forward, exact input gradient, factored low-rank weight gradient.
+
+    Unquantized (``codes is None``): ``x_compressed = x P`` and ``dW = (dY^T (x P)) P^T``.
+    Quantized (``passes/codec.py``): ``codes``/``scales`` hold ``q(x)`` (layout ``identity``),
+    ``q(x P)`` (``project``) or the residual ``q(x - (x Q1) Q1^T)`` beside ``x_compressed = x Q1``
+    (``residual``), in the format ``spec``; ``codec.weight_grad`` decodes inside the backward.
+    ``stats``, when given, receives ``[||G Q1||^2, ||sqrt(k) G Q2||^2, q]`` for the running
+    variance (``q``: the rounding term's estimate, 0 unquantized)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_compressed, basis, kind, r1=0, stats=None, codes=None,
