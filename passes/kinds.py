@@ -37,6 +37,16 @@ UNSUPPORTED_PATTERN = "unsupported pattern"
 CHECKPOINTED = "inside activation checkpoint: recomputed, nothing saved to compress"
 SELECTIVE = ("inside selective activation checkpoint: its policy decides what is saved; "
              "not compressed")
+# Dynamo's graph break out of an activation checkpoint whose forward has a side effect
+# (transformers' attention layers set a context variable): the region ran uncompiled, outside
+# any graph, so its linear layers reach no site list (``torch_seam.graph_breaks`` keys it so)
+CHECKPOINT_BREAK = "side effect inside an activation checkpoint"
+CHECKPOINT_UNCOMPILED = "the checkpointed layers ran uncompiled, nothing compressed in them"
+# what lifts it: Dynamo traces the region and does not replay the side effect in the recompute
+CHECKPOINT_REMEDY = ("run the compiled calls inside `with prac_fx.allow_checkpoint_side_effects():` "
+                     "(Dynamo then traces the checkpoint; the side effect, e.g. a context "
+                     "variable set in the forward, is not replayed when the backward recomputes "
+                     "the region; README, 'Compatibility')")
 # a site whose input the partitioned graph keeps for another op's backward anyway (the attention
 # output under an output projection): a compressed copy would save nothing (``exact_if_kept``)
 KEPT_ANYWAY = "input kept for backward anyway: compressing saves nothing"

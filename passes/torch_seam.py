@@ -239,16 +239,35 @@ def run_and_get_code(fn: Callable) -> tuple[object, list[str]]:
 def graph_breaks():
     """Dynamo's graph breaks so far in this process, as a ``collections.Counter`` keyed by the
     first two lines of each reason, joined (``torch._dynamo.utils.counters["graph_break"]``:
-    the break and Dynamo's explanation)."""
+    the break and Dynamo's explanation); a break out of an activation checkpoint by a side effect
+    in its forward is keyed ``kinds.CHECKPOINT_BREAK`` instead (``is_checkpoint_side_effect``)."""
     from collections import Counter
 
     from torch._dynamo.utils import counters
 
+    from prac_fx.passes import kinds
+
     out = Counter()
     for reason, count in counters.get("graph_break", {}).items():
+        if is_checkpoint_side_effect(str(reason)):
+            out[kinds.CHECKPOINT_BREAK] += count
+            continue
         lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
         out["; ".join(lines[:2])] += count
     return out
+
+
+def is_checkpoint_side_effect(reason: str) -> bool:
+    """Whether a Dynamo graph-break reason is a side effect inside an activation checkpoint.
+    Read from the whole text: its first line names only a higher-order op ("HOP: Unsafe side
+    effect"); the hint names checkpointing and the setting that lifts it."""
+    if _CHECKPOINT_FLAG in reason:
+        return True
+    text = reason.lower()
+    return "side effect" in text and "hop" in text and "checkpoint" in text
+
+
+_CHECKPOINT_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def inductor_inner_compile(gm: torch.fx.GraphModule, example_inputs, *args, **kwargs):
@@ -353,12 +372,12 @@ def checkpoint_side_effects_allowed():
     effect is not replayed when the backward recomputes the region) instead of breaking the
     graph out of the checkpoint and running the region uncompiled. transformers 5.25's
     ``kernels`` layers set a context variable in every attention forward, so a checkpointed
-    Hugging Face model needs it. Nothing where the release lacks the setting."""
-    import contextlib
-
-    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    Hugging Face model needs it. Raises RuntimeError where the release lacks the setting."""
+    if not hasattr(torch._dynamo.config, _CHECKPOINT_FLAG):
+        raise RuntimeError(f"torch {torch.__version__} has no torch._dynamo.config.{_CHECKPOINT_FLAG}: "
+                           f"an activation checkpoint with a side effect in its forward runs "
+                           f"uncompiled on this release")
+    return torch._dynamo.config.patch(**{_CHECKPOINT_FLAG: True})
 
 
 def checkpoint_body(gm: torch.fx.GraphModule, node: torch.fx.Node):

@@ -4,11 +4,13 @@ computes their weight gradients in factored form.
     import prac_fx
     model = torch.compile(model, backend=prac_fx.backend(rank=0.25))
 """
-from prac_fx.backend import FallbackError, PracBackend, backend, prac_backend
+from prac_fx.backend import (FallbackError, PracBackend, allow_checkpoint_side_effects, backend,
+                             prac_backend)
 from prac_fx.config import PracConfig
 from prac_fx.report import Report
 
-__all__ = ["FallbackError", "PracBackend", "PracConfig", "Report", "backend", "prac_backend"]
+__all__ = ["FallbackError", "PracBackend", "PracConfig", "Report", "allow_checkpoint_side_effects",
+           "backend", "prac_backend"]
 __version__ = "0.1.0"
 
 

@@ -8,10 +8,14 @@ Graphs compiled with grad disabled (``torch.no_grad()``, inference) go to Induct
 inference is exact and does no extra work. A graph the passes fail on, or whose rewritten form
 fails to compile, falls back to plain Inductor instead of stopping training: the first fallback
 of a backend logs a warning that names the cause and the torch release, ``report()`` counts
-them, and ``strict=True`` (``PRAC_FX_STRICT=1``) raises ``FallbackError`` instead.
+them, and ``strict=True`` (``PRAC_FX_STRICT=1``) raises ``FallbackError`` instead. An
+activation checkpoint that Dynamo breaks out of the graph (a side effect in its forward) counts
+the same way: the backend sees it at its next call and in ``report()``, where it names the
+remedy, ``allow_checkpoint_side_effects()``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import weakref
@@ -112,6 +116,33 @@ class PracBackend:
         self._runners: list[weakref.ref] = []  # the runners handed to Dynamo (for collect())
         self._warned_fallback = False  # a fallback warns once per backend, then logs at INFO
         self._breaks_before = torch_seam.graph_breaks()  # Dynamo's, counted process-wide
+        self._checkpoint_breaks_seen = 0  # of those since, the checkpoint breaks warned of
+
+    def _graph_breaks(self):
+        """Dynamo's graph breaks since this backend was made (reason -> count)."""
+        breaks = torch_seam.graph_breaks()
+        breaks.subtract(self._breaks_before)
+        return +breaks
+
+    def _check_checkpoint_breaks(self) -> None:
+        """Warn (once per backend), or under ``strict`` raise ``FallbackError``, when Dynamo has
+        broken an activation checkpoint out of the graph since the last look: the checkpointed
+        layers then ran uncompiled, and nothing is compressed in them. Dynamo counts the break
+        before it compiles the graph that ends there, so the next backend call sees it; with
+        nothing compiled around the checkpoint, ``report()`` does."""
+        count = self._graph_breaks().get(kinds.CHECKPOINT_BREAK, 0)
+        if count <= self._checkpoint_breaks_seen:
+            return
+        first = self._checkpoint_breaks_seen == 0
+        self._checkpoint_breaks_seen = count
+        message = (f"prac_fx: Dynamo broke the graph {count} time(s) at a {kinds.CHECKPOINT_BREAK}: "
+                   f"{kinds.CHECKPOINT_UNCOMPILED}; remedy: {kinds.CHECKPOINT_REMEDY}")
+        if self.config.strict:
+            raise FallbackError(message)
+        if first:
+            log.warning("%s. Training goes on exactly; report() counts the breaks.", message)
+        else:
+            log.info("%s", message)
 
     def _fall_back(self, record: GraphRecord, cause: str, err: BaseException) -> None:
         """Record that ``record``'s graph compiles unchanged because of ``cause``; under
@@ -143,6 +174,7 @@ class PracBackend:
         Inductor as they would to ``backend="inductor"``. Dynamo's own control-flow exceptions
         (a restart of its analysis) pass through, and the abandoned attempt leaves no record."""
         patches = inductor_patches(mode, options)
+        self._check_checkpoint_breaks()
         if patches and self.compiler != "inductor":
             raise ValueError(f"mode={mode!r} / options={options!r} configure Inductor; this "
                              f"backend runs compiler={self.compiler!r}, which has no such settings")
@@ -368,11 +400,12 @@ class PracBackend:
 
     # -- introspection --------------------------------------------------------------------------
     def report(self) -> Report:
+        """What the backend compiled and rewrote (``Report``), with Dynamo's graph breaks since
+        the backend was made. Under ``strict``, raises ``FallbackError`` where an activation
+        checkpoint broke out of the graph and no backend call has raised it yet."""
         self.collect()
-        breaks = torch_seam.graph_breaks()
-        for reason, count in self._breaks_before.items():
-            breaks[reason] -= count
-        return Report(self.graphs, self.store, +breaks)
+        self._check_checkpoint_breaks()
+        return Report(self.graphs, self.store, self._graph_breaks())
 
     def collect(self) -> None:
         """Read the running variance statistics of every backward that has run since the last
@@ -425,6 +458,38 @@ def backend(*, rank: int | float | Mapping[str, int | float] = 0.25, compiler: s
         raise ValueError(f"unknown option(s) {sorted(unknown)}; allowed: "
                          f"{[f.name for f in dataclasses.fields(PracConfig)]}")
     return PracBackend(PracConfig(rank=rank, **options), compiler=compiler)
+
+
+class allow_checkpoint_side_effects(contextlib.ContextDecorator):
+    """A context (or decorator) in which Dynamo traces activation-checkpointed regions whose
+    forward has a side effect, instead of breaking the graph out of them and running them
+    uncompiled::
+
+        with prac_fx.allow_checkpoint_side_effects():
+            loss = compiled(ids, labels=ids).loss
+            loss.backward()
+
+    transformers' attention layers set a context variable in their forward, so every
+    checkpointed layer of a Hugging Face model (``gradient_checkpointing_enable()``) breaks
+    out without it. Inside, Dynamo does not replay the side effect when the backward recomputes
+    the region (``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``): safe
+    where the recomputed forward does not depend on it (a context variable set and reset, a
+    log, a counter), not where it does (state the forward reads back and changes). Only
+    compiles started inside take it: wrap every call that may compile, a recompile included,
+    e.g. the whole training loop. The setting is restored on leaving; nothing global changes.
+    """
+
+    def __init__(self):
+        self._patches = []  # one per nested entry (a decorated function may recurse)
+
+    def __enter__(self):
+        patch = torch_seam.checkpoint_side_effects_allowed()
+        patch.__enter__()
+        self._patches.append(patch)
+        return self
+
+    def __exit__(self, *exc):
+        return self._patches.pop().__exit__(*exc)
 
 
 _default: PracBackend | None = None

@@ -155,6 +155,13 @@ class Report:
     graph_breaks: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def checkpoint_breaks(self) -> int:
+        """Dynamo's graph breaks out of an activation checkpoint by a side effect in its
+        forward (``kinds.CHECKPOINT_BREAK``): each ran a checkpointed region uncompiled, its
+        linear layers in no graph. ``prac_fx.allow_checkpoint_side_effects()`` lifts them."""
+        return self.graph_breaks.get(kinds.CHECKPOINT_BREAK, 0)
+
+    @property
     def fallbacks(self) -> list[GraphRecord]:
         """The graphs that fell back to plain Inductor (nothing compressed in them)."""
         return [g for g in self.graphs if g.fallback]
@@ -242,14 +249,23 @@ class Report:
         rows = self.rows(include_skipped)
         head = (f"{self.sites_matched} linear sites with a trained weight, "
                 f"{self.sites_rewritten} rewritten, in {len(self.graphs)} graph(s)")
+        checkpoint = self.checkpoint_breaks
+        if checkpoint:  # its linear layers ran outside any graph: no site list has them
+            head += ("; not counted: the linear layers of the activation-checkpointed regions "
+                     "that broke out of the graph, which ran uncompiled")
         fallbacks = self.fallbacks
         if fallbacks:  # first: nothing else in the table matters as much
             head = (f"{len(fallbacks)} graph(s) FELL BACK to plain Inductor, nothing compressed "
                     f"in them (first: graph {fallbacks[0].index}, {fallbacks[0].fallback})\n"
                     + head)
-        if self.graph_breaks:
+        if checkpoint:
+            head = (f"ACTIVATION CHECKPOINT: {checkpoint} graph break(s) at a "
+                    f"{kinds.CHECKPOINT_BREAK}: {kinds.CHECKPOINT_UNCOMPILED}.\n"
+                    f"Remedy: {kinds.CHECKPOINT_REMEDY}.\n" + head)
+        others = {r: c for r, c in self.graph_breaks.items() if r != kinds.CHECKPOINT_BREAK}
+        if others:
             head += "\nDynamo graph breaks (code at a break may run uncompiled): " + "; ".join(
-                f"{count} x {reason}" for reason, count in self.graph_breaks.items())
+                f"{count} x {reason}" for reason, count in others.items())
         out = head + ("\n" + tabulate(rows, headers="keys") if rows else "")
         heads = self.head_rows()
         if heads:

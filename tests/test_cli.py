@@ -91,7 +91,7 @@ def test_golden_json():
     proc = run("diff", *TINY, "--format", "json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert json.loads(proc.stdout)["schema"] == "prac-fx-diff/2"
+    assert json.loads(proc.stdout)["schema"] == "prac-fx-diff/3"
     _golden("tiny.json", proc.stdout)
 
 

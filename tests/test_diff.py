@@ -133,8 +133,9 @@ def test_graph_diffs_mark_the_rewrite(report):
 def _check_schema(report):
     """The JSON schema documented in prac_fx/diff.py."""
     assert report["schema"] == diff.SCHEMA
-    assert set(report) == {"schema", "model", "config", "graphs", "notes", "summary", "sites", "saved",
-                           "heads", "flops", "diffs"}
+    assert set(report) == {"schema", "model", "config", "graphs", "graph_breaks", "notes", "summary",
+                           "sites", "saved", "heads", "flops", "diffs"}
+    assert all(isinstance(c, int) and c > 0 for c in report["graph_breaks"].values())
     assert all(set(g) == {"index", "note"} for g in report["graphs"])
     assert set(report["model"]) == {"spec", "label", "settings"}
     assert set(report["config"]) == {"rank", "split", "bits", "group_size", "residual", "exclude"}

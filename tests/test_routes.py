@@ -13,7 +13,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import prac_fx
 from conftest import rel_err
-from prac_fx.passes import torch_seam
+from prac_fx.passes import kinds, torch_seam
 from prac_fx.passes.kinds import CHECKPOINTED, SELECTIVE
 from prac_fx.diff import models
 from prac_fx.config import PracConfig
@@ -266,31 +266,94 @@ def test_plain_loop_accumulation_under_bf16_autocast():
 # -- activation checkpointing ----------------------------------------------------------------------
 
 
-def test_checkpointed_model_reports_why_nothing_is_compressed():
+def _checkpointed_llama():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.build("llama", **SIZE)
     # transformers 5.24 renamed the switch; older releases know only the first name
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable()  # non-reentrant by default on 5.x: Dynamo sees the checkpoint HOP
     model.train()
-    ids = models.batch(SIZE["vocab"], 4, 32)
+    return model, models.batch(SIZE["vocab"], 4, 32)
+
+
+def test_checkpointed_model_reports_why_nothing_is_compressed():
+    """With the remedy, Dynamo traces the checkpointed layers: one graph, exact, and the report
+    says why their sites are not compressed."""
+    model, ids = _checkpointed_llama()
     ref = _eager_grads(model, ids)
-    be = prac_fx.backend(rank=0.25, compiler="eager")
+    be = prac_fx.backend(rank=0.25, compiler="eager")  # strict (conftest): no break may pass
     model.zero_grad()
     # transformers 5.25's `kernels` layers set a context variable inside each layer's forward:
-    # Dynamo traces the checkpoint only when told not to replay that in the backward (the
-    # README's "Compatibility"; without it, see the next test)
-    with torch_seam.checkpoint_side_effects_allowed():
+    # Dynamo traces the checkpoint only when told not to replay that in the backward
+    with prac_fx.allow_checkpoint_side_effects():
         torch.compile(model, backend=be)(ids, labels=ids).loss.backward()
     got = _grads(model)
     assert max(rel_err(got[k], ref[k]) for k in ref) < 1e-4  # nothing compressed: exact
-    rows = [r for r in be.report().rows() if r["module"].startswith("model.layers.0.")]
+    report = be.report()
+    assert len(be.graphs) == 1 and report.checkpoint_breaks == 0
+    rows = [r for r in report.rows() if r["module"].startswith("model.layers.0.")]
     linear = [r for r in rows if r["kind"] == "linear"]
     assert {r["module"].rsplit(".", 1)[-1] for r in linear} == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(r["status"] == f"skipped: {CHECKPOINTED}" for r in linear), linear
     assert be.graphs[0].note == CHECKPOINTED
+    assert "ACTIVATION CHECKPOINT" not in report.table()
+
+
+def test_allow_checkpoint_side_effects_restores_the_setting():
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    before = getattr(torch._dynamo.config, flag)
+    allow = prac_fx.allow_checkpoint_side_effects()
+    with allow:
+        with allow:  # nested entries of one object, as a recursive decorated function makes
+            assert getattr(torch._dynamo.config, flag) is True
+        assert getattr(torch._dynamo.config, flag) is True
+    assert getattr(torch._dynamo.config, flag) == before
+
+    @prac_fx.allow_checkpoint_side_effects()
+    def step():
+        return getattr(torch._dynamo.config, flag)
+
+    assert step() is True and getattr(torch._dynamo.config, flag) == before
+
+
+def test_checkpoint_broken_out_of_the_graph_names_the_checkpoint_and_the_remedy(caplog):
+    """Without the remedy the checkpointed layers run uncompiled (exact, nothing compressed):
+    the warning, the report's head and its break count say it is the checkpoint, and how to
+    lift it; the head does not read as if the model had no linear layers."""
+    model, ids = _checkpointed_llama()
+    ref = _eager_grads(model, ids)
+    be = prac_fx.backend(rank=0.25, compiler="eager", strict=False)
+    model.zero_grad()
+    with caplog.at_level(logging.WARNING, logger="prac_fx"):
+        torch.compile(model, backend=be)(ids, labels=ids).loss.backward()
+    got = _grads(model)
+    assert max(rel_err(got[k], ref[k]) for k in ref) < 1e-4
+    report = be.report()
+    assert report.checkpoint_breaks >= SIZE["layers"], report.graph_breaks
+    assert report.sites_matched == 0
+    warned = [r.getMessage() for r in caplog.records if "activation checkpoint" in r.getMessage()]
+    assert len(warned) == 1 and "allow_checkpoint_side_effects" in warned[0], warned
+    head = report.table().splitlines()
+    assert head[0].startswith("ACTIVATION CHECKPOINT") and "ran uncompiled" in head[0], head
+    assert "prac_fx.allow_checkpoint_side_effects()" in head[1] and "not replayed" in head[1]
+    assert "not counted: the linear layers of the activation-checkpointed regions" in head[2]
+    assert "HOP" not in report.table()  # Dynamo's words are not what the user reads
+
+
+def test_checkpoint_break_reason_is_read_from_the_whole_text():
+    from torch._dynamo.utils import counters
+
+    reasons = [str(r) for r in counters["graph_break"] if torch_seam.is_checkpoint_side_effect(str(r))]
+    if not reasons:  # this test alone: make the break
+        torch._dynamo.reset()
+        be = prac_fx.backend(rank=8, compiler="eager", strict=False)
+        torch.compile(_Effectful(), backend=be)(torch.randn(4, 8, 32)).sum().backward()
+        reasons = [str(r) for r in counters["graph_break"] if torch_seam.is_checkpoint_side_effect(str(r))]
+    assert reasons and all("checkpoint" not in r.splitlines()[0].lower() for r in reasons)
+    assert not torch_seam.is_checkpoint_side_effect("logging.Logger method not supported\n"
+                                                     "  Explanation: Dynamo does not know how to trace")
 
 
 _EFFECTS = []
@@ -314,14 +377,37 @@ class _Effectful(torch.nn.Module):
 
 def test_checkpoint_broken_by_a_side_effect_is_named_in_the_report():
     """The checkpointed region then runs uncompiled and its sites reach no graph: the report says
-    that Dynamo broke the graph, and why, instead of only counting no sites."""
+    that Dynamo broke the graph at the checkpoint, instead of only counting no sites."""
     torch._dynamo.reset()
-    be = prac_fx.backend(rank=8, compiler="eager")
+    be = prac_fx.backend(rank=8, compiler="eager", strict=False)
     torch.compile(_Effectful(), backend=be)(torch.randn(4, 8, 32)).sum().backward()
     report = be.report()
-    assert report.sites_matched == 0 and report.graph_breaks
-    assert any("side effect" in reason.lower() for reason in report.graph_breaks), report.graph_breaks
-    assert "Dynamo graph breaks" in report.table()
+    assert report.sites_matched == 0 and report.checkpoint_breaks > 0
+    assert set(report.graph_breaks) == {kinds.CHECKPOINT_BREAK}, report.graph_breaks
+    assert report.table().startswith("ACTIVATION CHECKPOINT")
+
+
+def test_strict_raises_at_a_checkpoint_break_and_names_the_remedy():
+    """Under strict, checkpointed layers that fell out of the graph count as a fallback: at the
+    next graph the backend compiles, or in report() where none came after."""
+    model, ids = _checkpointed_llama()
+    be = prac_fx.backend(rank=0.25, compiler="eager", strict=True)
+    with pytest.raises(Exception) as info:
+        torch.compile(model, backend=be)(ids, labels=ids).loss.backward()
+    chain, err = [], info.value
+    while err is not None:  # Dynamo wraps what a backend raises
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    fallback = next(e for e in chain if isinstance(e, prac_fx.FallbackError))
+    assert "activation checkpoint" in str(fallback)
+    assert "prac_fx.allow_checkpoint_side_effects()" in str(fallback)
+
+    torch._dynamo.reset()
+    be = prac_fx.backend(rank=8, compiler="eager", strict=True)
+    torch.compile(_Effectful(), backend=be)(torch.randn(4, 8, 32)).sum().backward()
+    assert be.graphs == []  # the checkpoint is the whole forward: no graph, no backend call
+    with pytest.raises(prac_fx.FallbackError, match="allow_checkpoint_side_effects"):
+        be.report()
 
 
 class _Selective(torch.nn.Module):
@@ -369,3 +455,32 @@ def test_diff_names_the_checkpoint_reason():
     reasons = {s["reason"] for s in report["sites"] if s["kind"] == "linear"}
     assert reasons == {CHECKPOINTED}
     assert report["graphs"][0]["note"] == CHECKPOINTED
+
+
+def effectful_checkpoint_mlp(batch=None, seq=None):
+    """A ``prac-fx diff`` factory: a linear layer, then a checkpointed block with a side effect
+    in its forward (Dynamo breaks the graph out of it)."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(32, 32)
+            self.block = _Effectful()
+
+        def forward(self, x):
+            return self.block(self.inp(x))
+
+    return Model(), (4, 8, 32)
+
+
+def test_diff_names_a_checkpoint_break_and_its_remedy():
+    from prac_fx import diff
+    from prac_fx.diff import render, workload
+
+    work = workload.load(f"{__file__}:effectful_checkpoint_mlp")
+    with diff.quiet_logs():
+        report = diff.compare(work, PracConfig(rank=8, strict=False), graphs=())
+    assert report["graph_breaks"].get(kinds.CHECKPOINT_BREAK, 0) > 0, report["graph_breaks"]
+    note = next(n for n in report["notes"] if n.startswith("ACTIVATION CHECKPOINT"))
+    assert "ran uncompiled" in note and "prac_fx.allow_checkpoint_side_effects()" in note
+    assert note in render.text(report)
+

@@ -22,19 +22,24 @@ Names are AOTAutograd's. The PRAC side's nodes take the names of the Inductor si
 match (``prac_fx.diff.graph_text.align``), so a tensor both sides save has one name in the saved
 table and in the diffs; a new node keeps its name or takes the next free counter.
 
-JSON schema (``"schema": "prac-fx-diff/2"``)
+JSON schema (``"schema": "prac-fx-diff/3"``)
 --------------------------------------------
 ::
 
     {
-      "schema": "prac-fx-diff/2",
+      "schema": "prac-fx-diff/3",
       "model": {"spec": str, "label": str,
                 "settings": {str: int}},             # preset size, or the batch/seq given
       "config": {"rank": int | float, "split": int | float, "bits": null | int | str | {str: ...},
                  "group_size": null | int, "residual": bool, "exclude": [str]},
       "graphs": [{"index": int, "note": str}],        # one per Dynamo graph (graph breaks);
                                                      # note: why a graph was left unchanged
-      "notes": [str],                                # e.g. the two sides' graph counts differ
+      "graph_breaks": {str: int},                    # Dynamo's break reasons on the PRAC side,
+                                                     # a break out of an activation checkpoint
+                                                     # keyed "side effect inside an activation
+                                                     # checkpoint"
+      "notes": [str],                                # e.g. the two sides' graph counts differ,
+                                                     # the checkpoint breaks and their remedy
       "summary": {"sites": int,                      # linear sites with a trained weight
                   "rewritten": int, "groups": int},
       "sites": [{                                    # every node the passes looked at
@@ -112,7 +117,7 @@ from prac_fx.passes import kinds
 from prac_fx.passes.kinds import LINEAR_KINDS
 from prac_fx.report import GraphRecord
 
-SCHEMA = "prac-fx-diff/2"  # 2: the sites' format and copy bytes, the config's bits
+SCHEMA = "prac-fx-diff/3"  # 2: the sites' format and copy bytes, the config's bits; 3: graph_breaks
 GRAPH_KINDS = ("dynamo", "forward", "backward")
 
 
@@ -158,6 +163,15 @@ def _logits_path_rows(index: int, record: GraphRecord) -> list[dict]:
     return rows
 
 
+def _checkpoint_note(count: int) -> str:
+    """What the report says of Dynamo's breaks out of activation checkpoints, "" for none."""
+    if not count:
+        return ""
+    return (f"ACTIVATION CHECKPOINT: {count} graph break(s) at a {kinds.CHECKPOINT_BREAK}: "
+            f"{kinds.CHECKPOINT_UNCOMPILED} (their linear layers are in no graph below). "
+            f"Remedy: {kinds.CHECKPOINT_REMEDY}")
+
+
 def config_summary(config: PracConfig, exclude: list[str]) -> dict:
     return {"rank": config.rank, "split": config.split, "bits": config.bits,
             "group_size": config.group_size, "residual": config.residual, "exclude": list(exclude)}
@@ -171,19 +185,24 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
     """
     say = progress or (lambda msg: None)
     say(f"compiling {work.label} with the PRAC backend ...")
-    prac = capture(work, PracBackend(config))
+    prac_backend = PracBackend(config)
+    prac = capture(work, prac_backend)
     say(f"  {prac.seconds:.1f} s, {len(prac.records)} graph(s)")
+    breaks = dict(prac_backend.report().graph_breaks)
+    checkpoint = _checkpoint_note(breaks.get(kinds.CHECKPOINT_BREAK, 0))
     sites = [row for i, (rec, info) in enumerate(zip(prac.records, prac.infos))
              for row in _sites(i, rec, info)]
     matched = [s for s in sites if s["kind"] in LINEAR_KINDS and s["n"] is not None]
     if not matched:
         raise NoLinearSites(f"{work.label}: no linear layer with a trained weight in "
-                            f"{len(prac.records)} graph(s); nothing for PRAC to compress")
+                            f"{len(prac.records)} graph(s); nothing for PRAC to compress"
+                            + (f"\n{checkpoint}" if checkpoint else ""))
     say("compiling with plain Inductor ...")
     base = capture(work, PracBackend(config, rewrite=False))
     say(f"  {base.seconds:.1f} s, {len(base.records)} graph(s)")
 
-    diffs, saved_rows, graph_notes, notes = [], [], [], []
+    diffs, saved_rows, graph_notes = [], [], []
+    notes = [checkpoint] if checkpoint else []
     for i, (b, p) in enumerate(zip(base.records, prac.records)):
         d, fw_map = graph_diffs(i, b, p, graphs, context)
         diffs += d
@@ -208,6 +227,7 @@ def compare(work: Workload, config: PracConfig, *, graphs=GRAPH_KINDS, context: 
         "model": {"spec": work.spec, "label": work.label, "settings": work.settings},
         "config": config_summary(config, exclude),
         "graphs": graph_notes,
+        "graph_breaks": breaks,
         "notes": notes,
         "summary": {"sites": len(matched), "rewritten": sum(s["status"] == kinds.REWRITTEN for s in sites),
                     "groups": len(groups)},
