@@ -299,9 +299,11 @@ def by_name(spec: str) -> Variant:
     raise ValueError(f"unknown variant kind {kind!r} in {spec!r}")
 
 
-FULL = ["eager", "inductor", "ckpt", "budget", "headloss", "headloss+budget", "prac-n/16", "prac-n/8", "prac-n/4", "prac-0.6n",
+# prac-n+q=8 is the backend's default copy (rank 1.0, bits 8)
+FULL = ["eager", "inductor", "ckpt", "budget", "headloss", "headloss+budget", "prac-n+q=8", "prac-n+q=4g64",
+        "prac-n/16", "prac-n/8", "prac-n/4", "prac-0.6n",
         "prac-n/4+budget", "prac-n/4+budget=0.7", "prac-n/4+allsites+budget", "random-n/4",
         "principal-n/4", "resample1-n/4", "refresh1-n/4"]
-QUICK = ["eager", "inductor", "ckpt", "budget", "headloss", "headloss+budget", "prac-n/8", "prac-n/4", "prac-n/4+budget",
-         "prac-n/4+budget=0.7", "prac-n/4+allsites+budget"]
+QUICK = ["eager", "inductor", "ckpt", "budget", "headloss", "headloss+budget", "prac-n+q=8", "prac-n/8", "prac-n/4",
+         "prac-n/4+budget", "prac-n/4+budget=0.7", "prac-n/4+allsites+budget"]
 

@@ -1,8 +1,10 @@
-"""prac_fx: a torch.compile backend that saves PRAC-compressed activations for linear layers and
-computes their weight gradients in factored form.
+"""prac_fx: a torch.compile backend that saves compressed activations for linear layers: by
+default each input in 8-bit integers with stochastic rounding, or PRAC's projection ``x P`` with
+the weight gradient in factored form.
 
     import prac_fx
-    model = torch.compile(model, backend=prac_fx.backend(rank=0.25))
+    model = torch.compile(model, backend=prac_fx.backend())           # the default copy
+    model = torch.compile(model, backend=prac_fx.backend(rank=0.25))  # PRAC n/4
 """
 from prac_fx.backend import (FallbackError, PracBackend, allow_checkpoint_side_effects, backend,
                              prac_backend)

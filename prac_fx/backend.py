@@ -1,8 +1,9 @@
 """The torch.compile backend: rewrite each Dynamo graph with the PRAC passes, compile it with
 Inductor, and return a runner that feeds it the bases.
 
-``torch.compile(model, backend=prac_fx.backend(rank=0.25))`` gives the model its own backend and
-basis store; ``backend="prac"`` uses one process-wide backend with the default configuration.
+``torch.compile(model, backend=prac_fx.backend())`` gives the model its own backend and
+basis store (the default copy: each linear input in 8-bit integers; ``rank=0.25`` for PRAC's
+projection); ``backend="prac"`` uses one process-wide backend with the default configuration.
 
 Graphs compiled with grad disabled (``torch.no_grad()``, inference) go to Inductor unchanged:
 inference is exact and does no extra work. A graph the passes fail on, or whose rewritten form
@@ -27,7 +28,7 @@ import torch.fx
 from prac_fx import budget as budget_mod
 from prac_fx import passes
 from prac_fx.basis import BasisStore
-from prac_fx.config import PracConfig
+from prac_fx.config import DEFAULT, PracConfig
 from prac_fx.passes import kinds, torch_seam
 from prac_fx.passes import probe as probe_graph
 from prac_fx.passes.graph_state import GraphState
@@ -441,9 +442,13 @@ class PracBackend:
         self.store.load_state_dict(state["store"])
 
 
-def backend(*, rank: int | float | Mapping[str, int | float] = 0.25, compiler: str = "inductor",
+def backend(*, rank: int | float | Mapping[str, int | float] = DEFAULT, compiler: str = "inductor",
             **options) -> PracBackend:
-    """A PRAC torch.compile backend: ``torch.compile(model, backend=prac_fx.backend(rank=0.25))``.
+    """A PRAC torch.compile backend: ``torch.compile(model, backend=prac_fx.backend())``.
+
+    With neither ``rank`` nor ``bits``, each linear layer saves its input in 8-bit integers
+    with stochastic rounding, one scale per row (``PracConfig``'s default copy);
+    ``rank=0.25`` alone saves PRAC's projection ``x P`` in the input's dtype instead.
 
     Keyword arguments are the fields of ``PracConfig`` (``rank``, a number or per-site mapping,
     ``split``, ``refresh_every``, ``early_refits``, ``resample_every``, ``seed``,

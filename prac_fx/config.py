@@ -16,6 +16,28 @@ def _is_number(value) -> bool:
 
 HEADS = ("lm_head", "output", "head", "score", "classifier")
 
+
+class _Default:
+    """The value of ``rank``, ``bits`` and ``group_size`` left unset: resolved together when the
+    config is made (``PracConfig.__post_init__``), so that a rank given alone means PRAC's float
+    projection and none given means the default copy."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+    def __reduce__(self):
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+# The saved copy with nothing set: the input itself (rank 1.0) in these integers with stochastic
+# rounding. Of the points measured within the noise of exact training (docs/convergence.md,
+# "Quantized copies"), the one with the lowest step peak and the fastest step: on the bench
+# models the partitioner recomputes every linear input's copy in the backward from what the
+# nonlinear ops keep, so int4 and int2 keep no fewer bytes (docs/benchmarks.md)
+DEFAULT_BITS = 8
+DEFAULT_GROUP_SIZE = None  # one scale per row
+
 ENV_PREFIX = "PRAC_FX_"
 # PracConfig fields settable from the environment (site_filter, a callable, is not; its
 # environment form is PRAC_FX_EXCLUDE, comma-separated substrings of module paths to keep exact)
@@ -133,7 +155,13 @@ class PracConfig:
     Args:
         rank: columns of the basis P per input group. An ``int`` >= 1 is a column count; a
             ``float`` in (0, 1] is a fraction of the input width n (rounded, at least 1).
-            ``1.0`` keeps every direction (exact gradients, for testing). A site whose width
+            ``1.0`` keeps every direction: no basis, the copy is the input itself (exact
+            gradients with ``bits=None``, for testing). Unset, with ``bits`` unset too: the
+            default copy, ``rank=1.0, bits=8`` (the input in 8-bit integers with stochastic
+            rounding, one bf16 scale per row: a quarter of a float32 input's bytes, inside the
+            noise of exact training over two seeds of both bench models, docs/convergence.md).
+            A rank given alone keeps the copy in the input's dtype
+            (PRAC's projection, as in arXiv 2602.23111). A site whose width
             is below an integer rank is left exact and reported as "too narrow for the rank".
             A mapping gives ranks per site: ``{"*": 0.25, "attn": 0.125, "mlp.up_proj": 0.375}``.
             Keys are substrings of the module path; the longest key the path contains wins,
@@ -228,8 +256,9 @@ class PracConfig:
             rewritten graph once (tracing only, under the budget the compile will use) and
             rewrites the graph again without them; the report gives their reason
             (``kinds.KEPT_ANYWAY``). Costs one more trace of each training graph at compile time.
-        bits: how the saved copy is stored (``passes/codec.py``). None (the default): in the
-            input's dtype, as PRAC's projection alone. ``8``, ``4`` or ``2``: integers with
+        bits: how the saved copy is stored (``passes/codec.py``). Unset: ``8`` when ``rank``
+            is unset too (the default copy), else None. None: in the input's dtype, as PRAC's
+            projection alone. ``8``, ``4`` or ``2``: integers with
             stochastic rounding (unbiased), 4 and 2 bits packed into bytes; ``"fp8"``:
             float8_e4m3fn with round-to-nearest (biased, as GPU float8 training stores it). What
             gets quantized follows from ``rank`` and ``residual``: with a rank covering the whole
@@ -255,7 +284,7 @@ class PracConfig:
             made; unset, False.
     """
 
-    rank: int | float | Mapping[str, int | float] = 0.25
+    rank: int | float | Mapping[str, int | float] = DEFAULT
     split: int | float = 0.5
     refresh_every: int = 500
     early_refits: int = 0
@@ -271,13 +300,14 @@ class PracConfig:
     memory_budget: float | None = None
     complement: str = "held"
     exact_if_kept: bool = False
-    bits: int | str | None | Mapping[str, int | str | None] = None
-    group_size: int | None = None
+    bits: int | str | None | Mapping[str, int | str | None] = DEFAULT
+    group_size: int | None = DEFAULT
     scale_dtype: str = "bfloat16"
     residual: bool = False
     strict: bool = dataclasses.field(default_factory=_env_strict)
 
     def __post_init__(self):
+        self._resolve_defaults()
         rank, split = self.rank, self.split
         if isinstance(rank, Mapping):
             if not rank or not all(isinstance(k, str) and k for k in rank):
@@ -363,6 +393,23 @@ class PracConfig:
             not _is_number(self.complement_scale) or self.complement_scale <= 0
         ):
             raise ValueError(f"complement_scale must be a positive number or None, got {self.complement_scale!r}")
+
+    def _resolve_defaults(self) -> None:
+        """Unset ``rank``, ``bits`` and ``group_size`` (``DEFAULT``): with neither ``rank`` nor
+        ``bits`` given, the default copy (rank 1.0, ``DEFAULT_BITS``, ``DEFAULT_GROUP_SIZE``);
+        a rank given alone keeps the input's dtype (PRAC's projection as in the papers); bits
+        given without a rank quantize the input itself; a group size unset beside given bits is
+        one scale per row."""
+        if self.residual is True and self.rank is DEFAULT:
+            raise ValueError("residual=True saves a principal part of `rank` columns beside the "
+                             "quantized residual and needs that rank (e.g. rank=0.0625, bits=4)")
+        default_copy = self.rank is DEFAULT and self.bits is DEFAULT
+        if self.bits is DEFAULT:
+            object.__setattr__(self, "bits", DEFAULT_BITS if default_copy else None)
+        if self.group_size is DEFAULT:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE if default_copy else None)
+        if self.rank is DEFAULT:
+            object.__setattr__(self, "rank", 1.0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "PracConfig":

@@ -151,7 +151,8 @@ def test_config_rejects_what_is_not_allowed():
     for bad, words in ((dict(bits=3), "8, 4, 2 or 'fp8'"), (dict(bits=True), "8, 4, 2"),
                        (dict(bits=8, group_size=48), "(32, 64, 128)"),
                        (dict(bits=8, scale_dtype="float16"), "bfloat16"),
-                       (dict(residual=True), "needs bits"),
+                       (dict(rank=0.25, residual=True), "needs bits"),
+                       (dict(residual=True), "needs that rank"),
                        (dict(bits={"*": 8, "attn": 5}), "got 5")):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             prac_fx.PracConfig(**bad)

@@ -163,3 +163,28 @@ def test_backend_docstring_names_every_option():
     doc = prac_fx.backend.__doc__
     missing = [f.name for f in dataclasses.fields(PracConfig) if f"``{f.name}``" not in doc]
     assert not missing, missing
+
+
+def test_defaults_resolve_together():
+    """Nothing given: the default copy (the input itself, quantized); a rank given alone: PRAC's
+    float projection as in the papers; bits given alone: the input itself in those bits."""
+    from prac_fx.config import DEFAULT_BITS, DEFAULT_GROUP_SIZE
+
+    default = PracConfig()
+    assert (default.rank, default.bits, default.group_size) == (1.0, DEFAULT_BITS, DEFAULT_GROUP_SIZE)
+    assert default.format_for(256).layout == "identity" and default.format_for(256).bits == DEFAULT_BITS
+    projected = PracConfig(rank=0.25)
+    assert (projected.bits, projected.group_size) == (None, None)
+    assert projected.format_for(256).bits is None
+    alone = PracConfig(bits=8)
+    assert (alone.rank, alone.group_size) == (1.0, None)
+    exact = PracConfig(bits=None)
+    assert (exact.rank, exact.bits) == (1.0, None)  # no projection, no quantization
+    assert PracConfig(rank=1.0).bits is None  # the exact path the tests use
+    assert PracConfig(group_size=128).bits == DEFAULT_BITS  # the default copy, other groups
+    assert PracConfig.from_env({}) == default == PracConfig(rank=1.0, bits=DEFAULT_BITS,
+                                                            group_size=DEFAULT_GROUP_SIZE)
+    assert PracConfig.from_env({"PRAC_FX_RANK": "0.25"}).bits is None
+    import prac_fx
+
+    assert prac_fx.backend().config == default

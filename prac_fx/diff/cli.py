@@ -68,15 +68,16 @@ def _parser() -> argparse.ArgumentParser:
                     "normalised diff of the Dynamo, forward and backward graphs.")
     d.add_argument("model", metavar="MODEL",
                    help="a preset (gpt2, llama), FILE.py:FACTORY or MODULE:FACTORY")
-    d.add_argument("--rank", default="0.25", help="basis columns per input group: int >= 1 or "
-                   "float in (0, 1], or per site '*=0.25,attn=0.125' (default 0.25)")
+    d.add_argument("--rank", help="basis columns per input group: int >= 1 or float in (0, 1], "
+                   "or per site '*=0.25,attn=0.125'; given alone, PRAC's projection in the "
+                   "input's dtype (with neither --rank nor --bits: the backend's default copy)")
     d.add_argument("--split", default="0.5", help="principal share of the rank: float in [0, 1] "
                    "or int r1 (default 0.5)")
-    d.add_argument("--bits", default="none", help="store the saved copy in 8, 4 or 2 bits "
-                   "(stochastic rounding) or fp8; none keeps the input's dtype (default), or per "
-                   "site '*=8,down=4'; with --rank 1.0 the input itself is quantized")
-    d.add_argument("--group-size", default="row", help="columns per scale of a quantized copy: "
-                   "32, 64, 128 or row (one per row; default)")
+    d.add_argument("--bits", help="store the saved copy in 8, 4 or 2 bits (stochastic "
+                   "rounding) or fp8; none keeps the input's dtype, or per site '*=8,down=4'; "
+                   "without --rank (or with --rank 1.0) the input itself is quantized")
+    d.add_argument("--group-size", help="columns per scale of a quantized copy: 32, 64, 128 or "
+                   "row (one per row; the default beside --bits)")
     d.add_argument("--residual", action="store_true",
                    help="with --bits: a principal part of --rank columns beside the quantized "
                         "residual, in place of PRAC's random part")
@@ -117,16 +118,20 @@ def _diff(args) -> int:
     from prac_fx.diff import render, workload
 
     try:
-        rank = parse_rank(args.rank, "rank")
+        copy = {}  # what is not given keeps the backend's default (PracConfig's resolution)
+        if args.rank is not None:
+            copy["rank"] = parse_rank(args.rank, "rank")
+        if args.bits is not None:
+            copy["bits"] = parse_bits(args.bits)
+        if args.group_size is not None:
+            copy["group_size"] = None if args.group_size.strip().lower() in ("row", "none") else \
+                parse_number(args.group_size, "group size")
         split = parse_number(args.split, "split")
         exclude = list(args.exclude)
         keep = exclude_filter(tuple(exclude)) if exclude else None
         heads = {"exact_heads": ()} if args.compress_heads else {}
-        group = None if args.group_size.strip().lower() in ("row", "none") else \
-            parse_number(args.group_size, "group size")
-        config = PracConfig(rank=rank, split=split, site_filter=keep,
-                            exact_if_kept=args.exact_if_kept, bits=parse_bits(args.bits),
-                            group_size=group, residual=args.residual, **heads)
+        config = PracConfig(split=split, site_filter=keep, exact_if_kept=args.exact_if_kept,
+                            residual=args.residual, **copy, **heads)
     except ValueError as err:
         return _error(str(err))
     kinds = args.graph or ["all"]

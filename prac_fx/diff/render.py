@@ -45,6 +45,9 @@ def _ratio(r) -> str:
 def _config(report: dict) -> str:
     c = report["config"]
     text = f"rank={c['rank']} split={c['split']}"
+    if c.get("bits") is not None:
+        text += f" bits={c['bits']}" + (f" group_size={c['group_size']}" if c.get("group_size") else "")
+        text += " residual" if c.get("residual") else ""
     return text + (f" exclude={','.join(c['exclude'])}" if c["exclude"] else "")
 
 
