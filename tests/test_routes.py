@@ -331,7 +331,13 @@ def test_checkpoint_broken_out_of_the_graph_names_the_checkpoint_and_the_remedy(
     got = _grads(model)
     assert max(rel_err(got[k], ref[k]) for k in ref) < 1e-4
     report = be.report()
-    assert report.checkpoint_breaks >= SIZE["layers"], report.graph_breaks
+    if torch.__version__.startswith("2.13") or report.checkpoint_breaks:
+        # 2.13 breaks here (the issue this was written for); a later release that traces the
+        # context variable's change has nothing to report and must not claim a break
+        assert report.checkpoint_breaks >= SIZE["layers"], report.graph_breaks
+    else:
+        assert len(be.graphs) == 1 and "ACTIVATION CHECKPOINT" not in report.table()
+        return
     assert report.sites_matched == 0
     warned = [r.getMessage() for r in caplog.records if "activation checkpoint" in r.getMessage()]
     assert len(warned) == 1 and "allow_checkpoint_side_effects" in warned[0], warned
@@ -390,10 +396,11 @@ def test_checkpoint_broken_by_a_side_effect_is_named_in_the_report():
 def test_strict_raises_at_a_checkpoint_break_and_names_the_remedy():
     """Under strict, checkpointed layers that fell out of the graph count as a fallback: at the
     next graph the backend compiles, or in report() where none came after."""
-    model, ids = _checkpointed_llama()
-    be = prac_fx.backend(rank=0.25, compiler="eager", strict=True)
-    with pytest.raises(Exception) as info:
-        torch.compile(model, backend=be)(ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    model, _ = effectful_checkpoint_mlp()
+    be = prac_fx.backend(rank=8, compiler="eager", strict=True)
+    with pytest.raises(Exception) as info:  # at the graph of `inp`, compiled after the break
+        torch.compile(model, backend=be)(torch.randn(4, 8, 32)).sum().backward()
     chain, err = [], info.value
     while err is not None:  # Dynamo wraps what a backend raises
         chain.append(err)
