@@ -146,6 +146,13 @@ class GraphRecord:
                     self.placement[group.key] = "recomputed in backward"
 
 
+def checkpoint_lines(count: int) -> list[str]:
+    """What the report (and ``prac-fx diff``) says of ``count`` graph breaks out of activation
+    checkpoints: the break, then the remedy."""
+    return [f"ACTIVATION CHECKPOINT: {count} graph break(s) at a {kinds.CHECKPOINT_BREAK}: "
+            f"{kinds.CHECKPOINT_UNCOMPILED}.", f"Remedy: {kinds.CHECKPOINT_REMEDY}."]
+
+
 @dataclasses.dataclass
 class Report:
     graphs: list[GraphRecord]
@@ -259,9 +266,7 @@ class Report:
                     f"in them (first: graph {fallbacks[0].index}, {fallbacks[0].fallback})\n"
                     + head)
         if checkpoint:
-            head = (f"ACTIVATION CHECKPOINT: {checkpoint} graph break(s) at a "
-                    f"{kinds.CHECKPOINT_BREAK}: {kinds.CHECKPOINT_UNCOMPILED}.\n"
-                    f"Remedy: {kinds.CHECKPOINT_REMEDY}.\n" + head)
+            head = "\n".join(checkpoint_lines(checkpoint)) + "\n" + head
         others = {r: c for r, c in self.graph_breaks.items() if r != kinds.CHECKPOINT_BREAK}
         if others:
             head += "\nDynamo graph breaks (code at a break may run uncompiled): " + "; ".join(

@@ -115,7 +115,7 @@ from prac_fx.diff.saved import changed, pair, saved
 from prac_fx.diff.workload import Workload
 from prac_fx.passes import kinds
 from prac_fx.passes.kinds import LINEAR_KINDS
-from prac_fx.report import GraphRecord
+from prac_fx.report import GraphRecord, checkpoint_lines
 
 SCHEMA = "prac-fx-diff/3"  # 2: the sites' format and copy bytes, the config's bits; 3: graph_breaks
 GRAPH_KINDS = ("dynamo", "forward", "backward")
@@ -165,11 +165,7 @@ def _logits_path_rows(index: int, record: GraphRecord) -> list[dict]:
 
 def _checkpoint_note(count: int) -> str:
     """What the report says of Dynamo's breaks out of activation checkpoints, "" for none."""
-    if not count:
-        return ""
-    return (f"ACTIVATION CHECKPOINT: {count} graph break(s) at a {kinds.CHECKPOINT_BREAK}: "
-            f"{kinds.CHECKPOINT_UNCOMPILED} (their linear layers are in no graph below). "
-            f"Remedy: {kinds.CHECKPOINT_REMEDY}")
+    return " ".join(checkpoint_lines(count)) if count else ""
 
 
 def config_summary(config: PracConfig, exclude: list[str]) -> dict:
