@@ -83,6 +83,14 @@ class Site:
         width = self.n if self.fmt.layout != codec.PROJECT else self.r1 + self.r2
         return self.fmt.saved_bytes(self.rows, width, self.r1, self.itemsize)
 
+    @property
+    def input_bytes(self) -> int | None:
+        """Bytes of the input it would keep uncompressed: ``rows x n`` in the input's dtype (bf16
+        under bf16 autocast, where the linear reads a bf16 cast), None with symbolic rows."""
+        if self.rows is None or self.n is None:
+            return None
+        return self.rows * self.n * self.itemsize
+
 
 @dataclasses.dataclass(frozen=True)
 class BasisSpec:

@@ -151,6 +151,18 @@ def _checkpointed_sites(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[S
     return sites
 
 
+def _itemsize_read(x_val: torch.Tensor) -> int:
+    """Bytes per element of the input as the linear reads it: a float32 input under an autocast
+    of a 16-bit dtype (the caller's, active while the backend compiles, as Dynamo guards on it)
+    is read as a bf16/fp16 cast, which is what an exact graph would keep for the backward."""
+    device = x_val.device.type
+    if x_val.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype.itemsize
+    return x_val.element_size()
+
+
 def run(state: GraphState, policy: SitePolicy) -> PassResult:
     result = PassResult("find_sites")
     sites: list[Site] = []
@@ -217,7 +229,7 @@ def run(state: GraphState, policy: SitePolicy) -> PassResult:
             site.reason = kinds.TOO_FEW_ROWS
             continue
         site.r1, site.r2 = ranks
-        site.rows, site.itemsize = rows, x_val.element_size()
+        site.rows, site.itemsize = rows, _itemsize_read(x_val)
         format_for = getattr(policy, "format_for", None)
         if format_for is not None:
             site.fmt = format_for(site.n, site.module)

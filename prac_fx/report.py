@@ -146,6 +146,13 @@ class GraphRecord:
                     self.placement[group.key] = "recomputed in backward"
 
 
+def _fraction(site) -> float | None:
+    """The saved copy's bytes over the input's own (``rows x n`` in the dtype the linear reads:
+    bf16 under bf16 autocast), rounded; None with symbolic rows."""
+    saved, full = site.saved_bytes, site.input_bytes
+    return None if saved is None or not full else round(saved / full, 3)
+
+
 def checkpoint_lines(count: int) -> list[str]:
     """What the report (and ``prac-fx diff``) says of ``count`` graph breaks out of activation
     checkpoints: the break, then the remedy."""
@@ -199,6 +206,7 @@ class Report:
                     "status": s.status if s.status == kinds.REWRITTEN else f"skipped: {s.reason}",
                     "format": s.fmt.name if s.status == kinds.REWRITTEN else "",
                     "saved bytes": s.saved_bytes if s.status == kinds.REWRITTEN else None,
+                    "of input": _fraction(s) if s.status == kinds.REWRITTEN else None,
                     "compressed copy": g.placement.get(s.group, "") if s.group else "",
                     "rel. variance": self._variance(g, s),
                 })

@@ -129,3 +129,23 @@ def test_refresh_under_autocast_uses_a_float32_gram():
     top = torch.linalg.eigh(x2d.t() @ x2d).eigenvectors[:, -4:].flip(-1)
     alignment = (top.t() @ q1).abs().diagonal()
     assert (1 - alignment).abs().max() < 1e-6, alignment  # a bf16 Gram gives ~3e-5
+
+
+def test_bytes_are_counted_against_the_autocast_input():
+    """Under bf16 autocast the linear reads a bf16 cast of a float32 input: the report counts
+    the copy against those bf16 bytes (int8 with one bf16 scale per row: half of them, plus
+    the scales), and against float32 bytes without autocast (a quarter)."""
+    model = MLP()
+    x, grad_out = _data()
+    fractions = {}
+    for autocast in (False, True):
+        torch._dynamo.reset()
+        be = prac_fx.backend(rank=1.0, bits=8, compiler="eager")
+        _step(torch.compile(model, backend=be), x, grad_out, autocast=autocast)
+        rows = [r for r in be.report().rows() if r["format"]]
+        assert rows
+        for r in rows:
+            n = r["n"]
+            assert r["of input"] == pytest.approx((n + 2) / (n * (2 if autocast else 4)), abs=2e-3)
+        fractions[autocast] = {r["node"]: r["of input"] for r in rows}
+    assert fractions[True].keys() == fractions[False].keys()
