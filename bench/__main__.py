@@ -65,6 +65,9 @@ def parse(argv):
         p.add_argument("--batch", type=int, default=8)
         p.add_argument("--vocab", type=int, default=2048,
                        help="vocabulary size (the logits grow with it: try 32000)")
+        p.add_argument("--autocast", choices=["bfloat16"], default=None,
+                       help="every step under torch.autocast in this dtype (the linears read "
+                            "bf16 casts: a copy counts against bf16 inputs)")
         p.add_argument("--plane", metavar="PNG",
                        help="also draw perplexity gap against step peak (needs cached runs)")
         p.add_argument("--ppl-steps", type=int, default=2000,
@@ -173,7 +176,7 @@ def suite(args) -> int:
     repeats = args.repeats or (5 if args.quick else 11)
     names = _names(args.variants) if args.variants else (variants.QUICK if args.quick else variants.FULL)
     setup = Setup(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch,
-                  vocab=args.vocab, repeats=repeats, refresh_repeats=2 if args.quick else 3)
+                  vocab=args.vocab, autocast=args.autocast, repeats=repeats, refresh_repeats=2 if args.quick else 3)
     rows = run_suite(_names(args.models), [variants.by_name(n) for n in names], setup,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     ppl = report.attach_perplexity(rows, names, setup, args.ppl_steps)

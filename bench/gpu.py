@@ -4,21 +4,25 @@ Four parts, each written to ``DIR`` as a JSON record as soon as it ends (a run c
 what it finished), then ``DIR/summary.md``:
 
 1. ``tests.json``: the tests that need CUDA (``tests/test_cuda.py``), run with pytest.
-2. ``kernels.json``: the PRAC default and plain Inductor compile the same small GPT-2 and Llama;
-   per variant the generated code's kernels (Triton on a GPU, C++ on the CPU) and extern matmul
-   calls are counted, forward and backward, with the sites the backend rewrote and the graphs
-   that fell back (strict: a fallback fails the part). The extra matmuls are the compression
-   ``x @ P`` and the factored weight gradient.
+2. ``kernels.json``: plain Inductor, the default (an int8 copy of each linear input) and PRAC's
+   projection at n/4 compile the same small GPT-2 and Llama; per variant the generated code's
+   kernels (Triton on a GPU, C++ on the CPU) and extern matmul calls are counted, forward and
+   backward, with the sites the backend rewrote and the graphs that fell back (strict: a
+   fallback fails the part). The projection's extra matmuls are ``x @ P`` and the factored
+   weight gradient; the int8 copy's encode and decode are element-wise kernels.
 3. ``memory.json``: a training step at real sizes, random init, bf16 weights: a GPT-2 124M shape
    (12 x 768, vocab 50257) and a ~1B Llama shape (16 x 2048, vocab 32000), sequence 2048, at
-   the largest batch of ``--batches`` that fits for Inductor. Variants: inductor, headloss,
-   PRAC n/4 and n/8 (the defaults otherwise), Inductor's budget 0.5, checkpointing. Measures:
-   peak memory above the step's start (``torch.cuda.max_memory_allocated``), median step time,
-   tokens/s, compile time.
-4. ``convergence.json``: Inductor against the PRAC default (n/4) at width 768 (the GPT-2 124M
-   shape, vocabulary 2048 of the bench's Shakespeare text), same weights and batches, for
-   ``--conv-steps`` steps; validation perplexity at the end. Does the gap measured at width
-   256 shrink with width?
+   the largest batch of ``--batches`` that fits for Inductor. Variants (``VARIANTS``, in order
+   of priority when time runs short): inductor, the default int8 copy, Inductor's budget 0.5,
+   headloss, int4 in groups of 64, fp8 (e4m3, a scale per row), a principal part n/16 beside
+   an int4 residual, PRAC n/4, checkpointing; and torchao's float8 training
+   (``torchao-fp8``) where torchao is installed. Under bf16 weights the copies count against
+   bf16 inputs: int8 is half their bytes, not a quarter. Measures: peak memory above the step's
+   start (``torch.cuda.max_memory_allocated``), median step time, tokens/s, compile time.
+4. ``convergence.json``: Inductor against the default (int8) and int4 in groups of 64 at width
+   768 (the GPT-2 124M shape, vocabulary 2048 of the bench's Shakespeare text), same weights
+   and batches, for ``--conv-steps`` steps; validation perplexity at the end. Does the gap
+   measured at width 256 hold at width 768?
 
 ``--dry`` runs the same code on the CPU at tiny sizes in a few minutes (the test suite calls
 it, so the script cannot rot). On a device, each part checks the time left (``--budget-s``,
@@ -47,7 +51,31 @@ from prac_fx.diff import models
 GPU_SIZES = {"gpt2-124m": dict(model="gpt2", layers=12, width=768, vocab=50257),
              "llama-1b": dict(model="llama", layers=16, width=2048, vocab=32000)}
 DRY_SIZES = {"gpt2-tiny": dict(model="gpt2", layers=2, width=64, vocab=512)}  # one: the same code
-VARIANTS = ("inductor", "headloss", "prac-n/4", "prac-n/8", "budget=0.5", "ckpt")
+# inductor first (the batch is the largest it fits), then the default, then the formats and the
+# exact alternatives; the order is the order of priority when the time runs short
+VARIANTS = ("inductor", "prac-n+q=8", "budget=0.5", "headloss", "prac-n+q=4g64", "prac-n+q=fp8",
+            "prac-n/16+res+q=4g64", "prac-n/4", "ckpt")
+# torchao's float8 training (an fp8 copy of each linear's input, and fp8 matmuls), beside the
+# formats where torchao is installed and the device has CUDA (``pip install torchao``)
+TORCHAO = "torchao-fp8"
+CONV_VARIANTS = ("inductor", "prac-n+q=8", "prac-n+q=4g64")  # convergence at width 768
+
+
+# --dry (the CPU, tiny sizes; the test suite runs it): the default, a packed format and the
+# projection, so that the code path cannot rot without the whole list's compile time
+DRY_VARIANTS = ("inductor", "prac-n+q=8", "prac-n+q=4g64", "prac-n/4")
+
+
+def variants_for(device: torch.device, dry: bool = False) -> tuple[str, ...]:
+    """The memory part's variants on ``device``: ``VARIANTS`` (``DRY_VARIANTS`` with ``dry``),
+    and torchao's float8 training after them where it can run."""
+    import importlib.util
+
+    if dry:
+        return DRY_VARIANTS
+    if device.type == "cuda" and importlib.util.find_spec("torchao") is not None:
+        return (*VARIANTS, TORCHAO)
+    return VARIANTS
 
 
 @dataclasses.dataclass
@@ -113,11 +141,13 @@ def kernels(device: torch.device, dry: bool) -> dict:
     for name in models.PRESETS:
         ids = models.batch(size["vocab"], 2, size["seq"]).to(device)
         row = {}
-        for label in ("inductor", "prac"):
+        for label in ("inductor", "prac", "prac-n/4"):
             torch._dynamo.reset()
             torch.manual_seed(0)
             model = models.build(name, **size).to(device)
-            be = prac_fx.backend(rank=0.25, strict=True) if label == "prac" else "inductor"
+            # the default (an int8 copy of x, no projection) and PRAC's projection at n/4
+            be = ("inductor" if label == "inductor" else prac_fx.backend(strict=True)
+                  if label == "prac" else prac_fx.backend(rank=0.25, bits=None, strict=True))
 
             def step():
                 loss = torch.compile(model, backend=be)(ids, labels=ids).loss
@@ -129,17 +159,17 @@ def kernels(device: torch.device, dry: bool) -> dict:
             row[label] = {"code_modules": len(codes), **counts,
                           "kernels_total": sum(counts["kernels"]),
                           "extern_mm_total": sum(counts["extern_mm"])}
-            if label == "prac":
+            if label != "inductor":
                 report = be.report()
                 row[label].update(sites_rewritten=report.sites_rewritten,
                                   sites_matched=report.sites_matched,
                                   fallbacks=len(report.fallbacks),
                                   placement=sorted({s for g in report.graphs
                                                     for s in g.placement.values()}))
-        row["extra_mm_for_compression"] = row["prac"]["extern_mm_total"] - row["inductor"]["extern_mm_total"]
+        row["extra_mm_for_compression"] = row["prac-n/4"]["extern_mm_total"] - row["inductor"]["extern_mm_total"]
         out["models"][name] = row
-    out["ok"] = all(r["prac"]["fallbacks"] == 0 and r["prac"]["sites_rewritten"] > 0
-                    and r["prac"]["kernels_total"] > 0 for r in out["models"].values())
+    out["ok"] = all(r[v]["fallbacks"] == 0 and r[v]["sites_rewritten"] > 0 and r[v]["kernels_total"] > 0
+                    for r in out["models"].values() for v in ("prac", "prac-n/4"))
     return out
 
 
@@ -231,7 +261,7 @@ def memory_table(device, dry: bool, batches: list[int], clock: Clock, out: pathl
         if batch is None:
             record["skipped"].append(f"{label}: no batch of {batches} fitted Inductor in the time left")
             continue
-        for spec in VARIANTS[1:]:
+        for spec in variants_for(device, dry)[1:]:
             if clock.left() < 45:
                 record["skipped"].append(f"{label}/{spec}: out of time")
                 continue
@@ -259,7 +289,7 @@ def convergence(device, dry: bool, steps: int, clock: Clock) -> dict:
     tokens = data.shakespeare(cfg.vocab)
     val = [b.to(device) for b in data.eval_batches(tokens["val"], cfg.batch, cfg.seq, cfg.eval_batches)]
     record = {"config": dataclasses.asdict(cfg), "runs": {}}
-    for spec in ("inductor", "prac-n/4"):
+    for spec in CONV_VARIANTS:
         if clock.left() < 30:
             record["runs"][spec] = {"skipped": "out of time"}
             continue
@@ -291,9 +321,10 @@ def convergence(device, dry: bool, steps: int, clock: Clock) -> dict:
                                 "final_train_loss": losses[-1] if losses else None,
                                 "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
     runs = record["runs"]
-    if all("val_ppl" in runs.get(s, {}) for s in ("inductor", "prac-n/4")) and \
-            runs["inductor"]["steps"] == runs["prac-n/4"]["steps"]:
-        record["ppl_gap"] = runs["prac-n/4"]["val_ppl"] / runs["inductor"]["val_ppl"] - 1
+    ref = runs.get("inductor", {})
+    record["ppl_gap"] = {s: runs[s]["val_ppl"] / ref["val_ppl"] - 1 for s in CONV_VARIANTS[1:]
+                         if "val_ppl" in runs.get(s, {}) and "val_ppl" in ref
+                         and runs[s]["steps"] == ref["steps"]}
     return record
 
 
@@ -313,7 +344,7 @@ def summary(records: dict) -> str:
                  "extern mm": r[v]["extern_mm_total"],
                  "sites rewritten": r[v].get("sites_rewritten", ""),
                  "fell back": r[v].get("fallbacks", "")}
-                for name, r in kern["models"].items() for v in ("inductor", "prac")]
+                for name, r in kern["models"].items() for v in ("inductor", "prac", "prac-n/4")]
         lines += [f"**Generated code** (2 layers, width {kern['size']['width']}, seq "
                   f"{kern['size']['seq']}); all rewritten, none fell back: {kern['ok']}", "",
                   tabulate(rows, headers="keys", tablefmt="github"), ""]
@@ -337,7 +368,8 @@ def summary(records: dict) -> str:
         lines += ["", f"**Convergence** (GPT-2 {c['layers']} x {c['width']}, vocab 2048, batch "
                   f"{c['batch']} x {c['seq']}, {c['steps']} steps asked)", "",
                   tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g"), "",
-                  f"perplexity gap PRAC / Inductor - 1: {conv.get('ppl_gap', 'n/a')}"]
+                  "perplexity gap to Inductor (variant / Inductor - 1): " + (", ".join(
+                      f"{k} {v:+.2%}" for k, v in conv.get("ppl_gap", {}).items()) or "n/a")]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ setting the backend's call counters to the next multiple of ``refresh_every`` th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -69,6 +70,9 @@ class Setup:
     batch: int = 8
     vocab: int = 2048
     dtype: str = "float32"
+    # "bfloat16": every step under torch.autocast of the model's device in that dtype (the
+    # linears read bf16 casts, so the copies count against bf16 inputs); None: no autocast
+    autocast: str | None = None
     repeats: int = 7
     refresh_repeats: int = 3  # rounds that also time a refresh step of each PRAC variant
 
@@ -103,8 +107,18 @@ def machine() -> str:
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
-def _step(fn: Callable, ids: torch.Tensor, params: list[torch.Tensor]) -> None:
-    loss = fn(ids, labels=ids).loss
+def autocast_of(setup: "Setup"):
+    """The context every step of ``setup`` runs in: ``torch.autocast`` in ``setup.autocast``'s
+    dtype on the CPU, or a null context."""
+    if setup.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=getattr(torch, setup.autocast))
+
+
+def _step(fn: Callable, ids: torch.Tensor, params: list[torch.Tensor],
+          context: Callable = contextlib.nullcontext) -> None:
+    with context():
+        loss = fn(ids, labels=ids).loss
     loss.backward()
     for p in params:
         p.grad = None
@@ -145,6 +159,7 @@ def _make_refresh_due(backend) -> None:
 def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
               progress: Callable[[str], None] = lambda s: None) -> list[Row]:
     dtype = getattr(torch, setup.dtype)
+    context = lambda: autocast_of(setup)  # noqa: E731
     return_freed_memory()
     # Every variant compiles the same model code with a backend of its own: one cache entry
     # each. Past Dynamo's default limit of 8 the later variants would silently run eagerly.
@@ -165,24 +180,29 @@ def run_suite(model_names: list[str], variants: list[Variant], setup: Setup,
             fn = v.make(model)
             progress(f"{name}/{v.name}: compiling")
             t = time.perf_counter()
-            _step(fn, ids, params)
+            _step(fn, ids, params, context)
             compile_s = time.perf_counter() - t
-            _step(fn, ids, params)  # warm
-            saved = memory.saved_bytes(lambda: fn(ids, labels=ids).loss, params)
-            peak = memory.peak_rss_above(lambda: _step(fn, ids, params))
+            _step(fn, ids, params, context)  # warm
+
+            def loss_of():
+                with context():
+                    return fn(ids, labels=ids).loss
+
+            saved = memory.saved_bytes(loss_of, params)
+            peak = memory.peak_rss_above(lambda: _step(fn, ids, params, context))
             runs.append((v, model, params, fn, compile_s, saved, peak, [], []))
         for i in range(setup.repeats):
             progress(f"{name}: timing round {i + 1}/{setup.repeats}")
             order = runs if i % 2 == 0 else runs[::-1]
             for v, model, params, fn, *_, times, refresh_times in order:
                 t = time.perf_counter()
-                _step(fn, ids, params)
+                _step(fn, ids, params, context)
                 times.append(time.perf_counter() - t)
                 backend = _backend_of(fn)
                 if backend is not None and backend.config.refresh_every > 1 and i < setup.refresh_repeats:
                     _make_refresh_due(backend)
                     t = time.perf_counter()
-                    _step(fn, ids, params)
+                    _step(fn, ids, params, context)
                     refresh_times.append(time.perf_counter() - t)
         for v, model, params, fn, compile_s, saved, peak, times, refresh_times in runs:
             step = statistics.median(times)

@@ -51,7 +51,8 @@ def _tabulate(rows, cols: list[str], headers: list[str] | None = None, floatfmt:
 def suite_header(setup: Setup, machine: str) -> str:
     return (f"Machine: {machine}\n"
             f"Tiny models: {setup.layers} layers, width {setup.width}, vocab {setup.vocab}; "
-            f"{setup.dtype}, batch {setup.batch}, seq {setup.seq}; median of {setup.repeats} "
+            f"{setup.dtype}{', bf16 autocast (copies count against bf16 inputs)' if setup.autocast else ''}, "
+            f"batch {setup.batch}, seq {setup.seq}; median of {setup.repeats} "
             f"alternating steps (forward + backward)")
 
 

@@ -28,6 +28,7 @@ Names (``by_name``) are what the command line takes; ``R`` is a rank written ``n
                     graph would not save (``exact_if_kept``: the attention output under the
                     output projection, and under a budget whatever is recomputed)
 ``budget=B``        Inductor with ``activation_memory_budget = B``
+``torchao-fp8``     torchao's float8 training, then Inductor (GPU only; torchao installed)
 ``headloss``        exact: prac_fx with no linear site compressed (``site_filter`` passes only the
                     output heads, which stay exact), so only the head-and-loss pass acts; ``headloss+budget[=B]`` adds the
                     partitioner budget (0.5 by default), as ``budget`` does for Inductor
@@ -124,6 +125,23 @@ def inductor() -> Variant:
     return Variant("inductor", lambda model: torch.compile(model))
 
 
+def torchao_fp8() -> Variant:
+    """torchao's float8 training (``convert_to_float8_training``: fp8 matmuls and an fp8 copy of
+    each linear's input, the output head left in high precision), then Inductor. Needs torchao
+    (an optional extra: ``pip install torchao``) and a GPU with float8 matmuls."""
+
+    def make(model):
+        try:
+            from torchao.float8 import convert_to_float8_training
+        except ImportError as err:
+            raise RuntimeError("the torchao-fp8 variant needs torchao: pip install torchao") from err
+        heads = prac_fx.PracConfig().is_head
+        convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: not heads(fqn))
+        return torch.compile(model)
+
+    return Variant("torchao-fp8", make)
+
+
 def checkpoint() -> Variant:
     return Variant("inductor+ckpt", lambda model: torch.compile(_checkpoint_blocks(model)))
 
@@ -210,7 +228,8 @@ def by_name(spec: str) -> Variant:
         if not ok(x):
             raise ValueError(f"{key}=F takes {what}, got {spec!r}")
         return _with_lr(by_name(base), attr, x, label.format(x))
-    fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget}
+    fixed = {"eager": eager, "inductor": inductor, "ckpt": checkpoint, "budget": budget,
+             "torchao-fp8": torchao_fp8}
     if spec in fixed:
         return fixed[spec]()
     if spec.startswith("budget=") and _fraction(spec[7:]):
@@ -241,7 +260,7 @@ def by_name(spec: str) -> Variant:
                - set(quant)
                - set(mbs) - skips - early - per_site - draw_seed - splits)
     if rank_name not in RANKS or unknown or len(set(extras)) != len(extras) or (extras and kind != "prac"):
-        raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, "
+        raise ValueError(f"unknown variant {spec!r}; names: eager, inductor, ckpt, budget, torchao-fp8, "
                          f"budget=B, headloss[+hr][+budget[=B]], prac-R[+q=F][+res][+budget[=B]][+mb=B][+allsites][+nohead][+hr][+cyc][+ek][+skip=W][+r.W=R][+ps=N][+sp=f][+T1=a][+T2=b][+E=j][+S=s], random-R, principal-R, resample1-R, "
                          f"refresh1-R with R in {list(RANKS)}; any of them +lrb=F (the compressed "
                          f"weights' lr factor) or +lrf=F (their decay's floor)")

@@ -383,7 +383,9 @@ def test_gpu_script_dry_run_writes_every_record(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, "-m", "bench", "gpu", "--dry", "--out", str(out)],
+    # a budget no slow machine runs out of: a part skipped for time would fail the checks below
+    proc = subprocess.run([sys.executable, "-m", "bench", "gpu", "--dry", "--out", str(out),
+                           "--budget-s", "3000"],
                           cwd=root, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, PYTHONPATH=str(root)))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -394,18 +396,22 @@ def test_gpu_script_dry_run_writes_every_record(tmp_path):
     kernels = records["kernels.json"]
     assert kernels["ok"]
     for name in ("gpt2", "llama"):
-        prac, inductor = kernels["models"][name]["prac"], kernels["models"][name]["inductor"]
-        assert prac["fallbacks"] == 0 and prac["sites_rewritten"] > 0 and prac["kernels_total"] > 0
+        row = kernels["models"][name]
+        for v in ("prac", "prac-n/4"):
+            assert row[v]["fallbacks"] == 0 and row[v]["sites_rewritten"] > 0 and row[v]["kernels_total"] > 0
         # x @ P and the factored weight gradient add matmuls to what Inductor alone runs
-        assert prac["extern_mm_total"] > inductor["extern_mm_total"]
+        assert row["prac-n/4"]["extern_mm_total"] > row["inductor"]["extern_mm_total"]
     rows = records["memory.json"]["rows"]
-    from bench.gpu import VARIANTS
+    from bench.gpu import DRY_VARIANTS
 
-    assert [r["variant"] for r in rows] == list(VARIANTS)
+    assert [r["variant"] for r in rows] == list(DRY_VARIANTS)
     assert all(r["step_ms"] > 0 and r["fallbacks"] == 0 for r in rows)
     runs = records["convergence.json"]["runs"]
-    assert runs["inductor"]["steps"] == runs["prac-n/4"]["steps"] == 6
-    assert math.isfinite(records["convergence.json"]["ppl_gap"])
+    from bench.gpu import CONV_VARIANTS
+
+    assert [runs[v]["steps"] for v in CONV_VARIANTS] == [6] * len(CONV_VARIANTS)
+    gaps = records["convergence.json"]["ppl_gap"]
+    assert set(gaps) == set(CONV_VARIANTS[1:]) and all(math.isfinite(g) for g in gaps.values())
     summary = (out / "summary.md").read_text()
     assert "Memory and step" in summary and "Convergence" in summary
 
