@@ -88,9 +88,12 @@ def parse(argv):
         p.add_argument("--seeds", default="0", help="comma-separated model seeds (weights init; "
                        "the data order stays the same)")
     elif command == "variance":
-        p.add_argument("--models", default="gpt2,llama", help="comma-separated presets")
+        p.add_argument("--models", default="gpt2,llama",
+                       help="comma-separated presets (gpt2, llama) or minilm, the pretrained "
+                            "MiniLM-L6 on movie reviews")
         p.add_argument("--variants", default="prac-n/4,prac-n/4+S=1,prac-n/4+S=2")
-        p.add_argument("--steps", type=int, default=100, help="training steps before measuring")
+        p.add_argument("--steps", type=int, default=100,
+                       help="training steps before measuring (0: one call at the initial weights)")
         p.add_argument("--draws", type=int, default=16, help="draws of the random part per site")
         p.add_argument("--window", type=int, default=0,
                        help="also the error of the gradient summed over this many calls at fixed "
@@ -282,11 +285,19 @@ def variance(args) -> int:
     rows = []
     for m in _names(args.models):
         for v in _names(args.variants):
-            rows.append(var.measure_variant(m, v, steps=args.steps, draws=args.draws,
-                                            window=args.window, bias_calls=args.bias_calls))
+            if m == "minilm":
+                if args.window or args.bias_calls:
+                    print("--window and --bias-calls are measured on the bench's own models, not "
+                          "on minilm", file=sys.stderr)
+                    return 2
+                rows.append(var.measure_pretrained(v, steps=args.steps, draws=args.draws))
+            else:
+                rows.append(var.measure_variant(m, v, steps=args.steps, draws=args.draws,
+                                                window=args.window, bias_calls=args.bias_calls))
             print(f"{m}/{v}: {dataclasses.asdict(rows[-1])}", file=sys.stderr, flush=True)
-    print(f"{machine()}, {args.threads} thread(s), float32; models 4 x 256, batch 8, seq 256, "
-          f"seed 0; {args.draws} draws per site, measured on one held-out Shakespeare batch")
+    print(f"{machine()}, {args.threads} thread(s), float32; gpt2/llama 4 x 256, batch 8, seq 256, "
+          f"seed 0, one held-out Shakespeare batch; minilm pretrained MiniLM-L6, batch 16, seq 64, "
+          f"dropout off, one held-out movie-review batch; {args.draws} draws per site")
     print(var.table(rows, markdown=args.markdown))
     _write(rows, {"machine": machine(), "steps": args.steps, "draws": args.draws}, args)
     return 0

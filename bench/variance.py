@@ -52,6 +52,7 @@ import torch
 from bench import data, variants
 from prac_fx.diff import models
 from prac_fx import variance as pv
+from prac_fx.passes import kinds
 
 
 @dataclasses.dataclass
@@ -70,6 +71,66 @@ class VarianceRow:
     bias_z_median: float | None = None
     bias_z_max: float | None = None
     bias_calls: int = 0
+    copy_bytes: float | None = None  # the saved copies' bytes over their inputs' own, all sites
+
+
+def copy_fraction(backend) -> float | None:
+    """The bytes of the compressed copies over the bytes of the inputs they stand for, summed
+    over the rewritten sites (a copy shared by a group's sites counted once); None before any
+    site was rewritten or with symbolic rows."""
+    saved = full = 0
+    seen = set()
+    for g in backend.report().graphs:
+        for s in g.sites:
+            if s.status != kinds.REWRITTEN or (g.index, s.group) in seen:
+                continue
+            seen.add((g.index, s.group))
+            if s.saved_bytes is None or not s.input_bytes:
+                return None
+            saved, full = saved + s.saved_bytes, full + s.input_bytes
+    return saved / full if full else None
+
+
+def _measured(model_name: str, variant: str, steps: int, backend, model, loss, draws: int) -> VarianceRow:
+    running = pv.running(backend).get("total")
+    state = pv.measure(backend, model, loss, fit="state", draws=draws)
+    fitted = pv.measure(backend, model, loss, fit="batch", draws=draws)
+    per_site = sorted(r.relative for r in state)
+    return VarianceRow(model_name, variant, steps, pv.total(state), pv.total(state, "identity"),
+                       pv.total(fitted), running, per_site[len(per_site) // 2] if per_site else 0.0,
+                       copy_bytes=copy_fraction(backend))
+
+
+def measure_pretrained(variant: str, *, steps: int, draws: int, batch: int = 16, seq: int = 64,
+                       seed: int = 0, data_seed: int = 1, lr: float = 1e-4) -> VarianceRow:
+    """The same measurement on real activations: the pretrained MiniLM-L6 of ``bench finetune``
+    (its encoder pretrained, the new two-way head seeded by ``seed``) on movie-review batches.
+    ``steps`` fine-tuning steps (AdamW at ``lr``, constant) first; 0: one call at the
+    pretrained weights, no step. Dropout is off, so that the exact gradient the estimate is
+    measured against is the one the compiled call would take on the same batch."""
+    from bench import finetune
+
+    train_pairs, test_pairs = data.movie_reviews()
+    torch._dynamo.reset()
+    model, tokenizer = finetune.load_model(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    ids, mask, labels = finetune._encode(tokenizer, train_pairs, seq)
+    held = finetune._encode(tokenizer, test_pairs[:batch], seq)
+    fn = variants.by_name(variant).make(model)
+    backend = _backend(fn)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(data_seed))
+    for step in range(max(1, steps)):
+        idx = order[(step * batch) % (len(ids) - batch):][:batch]
+        fn(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss.backward()
+        if steps:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss = lambda: model(input_ids=held[0], attention_mask=held[1], labels=held[2]).loss  # noqa: E731
+    return _measured("minilm", variant, steps, backend, model, loss, draws)
 
 
 def _backend(fn):
@@ -207,18 +268,14 @@ def measure_variant(model_name: str, variant: str, *, steps: int, draws: int, la
     fn = variants.by_name(variant).make(model)
     backend = _backend(fn)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    for _ in range(max(1, steps)):
+    for _ in range(max(1, steps)):  # steps=0: one call at the initial weights, no step
         ids = stream.next()
         fn(ids, labels=ids).loss.backward()
-        opt.step()
+        if steps:
+            opt.step()
         opt.zero_grad(set_to_none=True)
-    running = pv.running(backend).get("total")
     loss = lambda: model(held_out, labels=held_out).loss  # noqa: E731  (eager: the exact gradient)
-    state = pv.measure(backend, model, loss, fit="state", draws=draws)
-    fitted = pv.measure(backend, model, loss, fit="batch", draws=draws)
-    per_site = sorted(r.relative for r in state)
-    row = VarianceRow(model_name, variant, steps, pv.total(state), pv.total(state, "identity"),
-                      pv.total(fitted), running, per_site[len(per_site) // 2] if per_site else 0.0)
+    row = _measured(model_name, variant, steps, backend, model, loss, draws)
     if window > 0:  # the next training batches, at the weights training left
         row.window, row.per_step = window_error(fn, model, backend,
                                                 [stream.next() for _ in range(window)])
@@ -322,6 +379,10 @@ def table(rows: list[VarianceRow], markdown: bool = False) -> str:
              r.median_site_state] for r in rows]
     headers = ["model", "variant", "trained steps", "rel. var (state)", "identity", "rel. var (Q1 fit to batch)",
                "running estimate", "median site (state)"]
+    if any(r.copy_bytes is not None for r in rows):
+        for line, r in zip(body, rows):
+            line.insert(2, None if r.copy_bytes is None else round(r.copy_bytes, 3))
+        headers.insert(2, "copy bytes / input")
     if any(r.window_steps for r in rows):
         for line, r in zip(body, rows):
             line += [r.per_step, r.window]
@@ -332,4 +393,4 @@ def table(rows: list[VarianceRow], markdown: bool = False) -> str:
             line += [r.bias_z_median, r.bias_z_max]
         calls = max(r.bias_calls for r in rows)
         headers += [f"bias z, median site ({calls} calls)", "bias z, largest"]
-    return tabulate(body, headers=headers, tablefmt="github" if markdown else "simple", floatfmt=".3f")
+    return tabulate(body, headers=headers, tablefmt="github" if markdown else "simple", floatfmt=".4g")

@@ -461,3 +461,29 @@ def test_window_error_and_bias_check():
     assert z and all(v > 7.5 for v in z.values()), z
     with pytest.raises(ValueError, match="checkpoints"):
         var.measure_along("llama", "prac-n/4", schedule=10, at=[5, 20], window=2)
+
+
+def test_variance_rows_carry_the_bytes_of_each_format():
+    """bench variance puts each variant's bytes beside its error: the copies' bytes over their
+    inputs' own, a group's shared copy counted once. A Llama block of width 64 (float32) has
+    four copies, per row: q/k/v's, o's and gate/up's of 64 values, down's of 128. A projection
+    to n/4 keeps a quarter; int8 with one bf16 scale per row n + 2 bytes of 4n; int4 in
+    groups of 64 n/2 + 2 n/64 bytes."""
+    from bench import variance as var
+    from prac_fx.diff import models
+
+    torch.manual_seed(0)
+    model = models.build("llama", layers=1, width=64, seq=32, vocab=128)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    expected = {"prac-n/4": 0.25, "prac-n+q=8": (3 * 66 + 130) / (4 * 320),
+                "prac-n+q=4g64": (3 * 34 + 68) / (4 * 320)}
+    for name, fraction in expected.items():
+        torch._dynamo.reset()
+        fn = variants.by_name(name).make(model)
+        assert var.copy_fraction(fn.prac_backend) is None  # nothing rewritten yet
+        fn(ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        assert var.copy_fraction(fn.prac_backend) == pytest.approx(fraction, abs=1e-3), name
+    row = var.VarianceRow("llama", "prac-n+q=8", 0, 1e-4, 1e-4, 1e-4, None, 1e-4, copy_bytes=66 / 256)
+    text = var.table([row])
+    assert "copy bytes / input" in text and "0.258" in text and "0.0001" in text
