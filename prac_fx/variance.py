@@ -79,15 +79,17 @@ def sampled_variance(grad: torch.Tensor, q1: torch.Tensor | None, r2: int, draws
     return total / draws
 
 
-def running_estimate(a1_sq: float, a2_sq: float, k: float, rounding: float = 0.0) -> float:
+def running_estimate(a1_sq: float, a2_sq: float, k: float, rounding: float = 0.0) -> float | None:
     """Relative variance from one draw: ``((k - 1) ||A2||^2 + q) / (||A1||^2 + ||A2||^2)``.
 
     ``q`` (``rounding``) is a quantized copy's expected rounding error carried to the weight
     gradient (``passes.codec.weight_grad``; 0 unquantized). For the identity and residual
     layouts ``||A2||^2`` is the estimate of the energy outside Q1 (all of it without Q1) and
-    ``k = 1``: only the rounding is noise there."""
+    ``k = 1``: only the rounding is noise there. None where the gradient's energy estimate is
+    not positive (no gradient yet, or an estimated rounding term above the whole squared
+    gradient, as the ``s^2 / 6`` model can give at 2 bits): no estimate rather than a false 0."""
     denom = a1_sq + a2_sq
-    return ((k - 1.0) * a2_sq + rounding) / denom if denom > 0 else 0.0
+    return ((k - 1.0) * a2_sq + rounding) / denom if denom > 0 else None
 
 
 def _k_of(g) -> float:
@@ -309,18 +311,23 @@ def table(rows: list[SiteVariance], title: str = "") -> str:
 def running(backend) -> dict[str, float]:
     """The backend's running estimate per site (``"group/index"``) and in total,
     ``sum ((k - 1) ||A2||^2 + q) / sum (||A1||^2 + ||A2||^2)`` over its sites (``"total"``): the
-    gradient-energy-weighted relative variance. Empty before the first backward."""
+    gradient-energy-weighted relative variance. Empty before the first backward. A site whose
+    energy estimate is not positive (``running_estimate`` gives None) has no entry, and then
+    there is no ``"total"`` either: leaving its noise out would understate the sum."""
     backend.collect()
-    out, num, den = {}, 0.0, 0.0
+    out, num, den, whole = {}, 0.0, 0.0, True
     for key, g in backend.store.groups.items():
         if not has_estimate(g) or backend.config.complement_scale is not None:
             continue
         k = _k_of(g)
         for index, (a1_sq, a2_sq, rounding) in enumerate(g.stats.tolist()):
-            if a1_sq + a2_sq > 0:
-                out[f"{key}/{index}"] = running_estimate(a1_sq, a2_sq, k, rounding)
+            value = running_estimate(a1_sq, a2_sq, k, rounding)
+            if value is None:
+                whole = whole and a1_sq + a2_sq == 0 and rounding == 0  # a site with no gradient
+                continue
+            out[f"{key}/{index}"] = value
             num += (k - 1.0) * a2_sq + rounding
             den += a1_sq + a2_sq
-    if den > 0:
+    if den > 0 and whole:
         out["total"] = num / den
     return out

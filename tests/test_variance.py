@@ -70,6 +70,28 @@ def test_running_estimate_is_unbiased_for_the_outside_energy():
     assert variance.running_estimate(a1_sq, perp_sq, k) == pytest.approx(relative, rel=1e-9)
 
 
+def test_running_estimate_gives_none_where_the_energy_estimate_is_not_positive():
+    """A quantized copy's energy estimate is ``||dW||^2 - q``; where the rounding model's q
+    exceeds the squared gradient (2 bits) it is negative. The estimate is then missing, not a
+    false 0, and the total over sites is missing with it (leaving the site out would understate
+    the noise). A site with no gradient at all leaves the total to the others."""
+    from types import SimpleNamespace
+
+    assert variance.running_estimate(0.0, -0.005, 1.0, 0.05) is None
+    assert variance.running_estimate(0.0, 0.0, 1.0, 0.0) is None
+    assert variance.running_estimate(0.0, 0.2, 1.0, 0.05) == pytest.approx(0.25)
+
+    def backend(*rows):
+        group = SimpleNamespace(n=64, r1=0, r2=0, stats=torch.tensor(rows, dtype=torch.float64))
+        return SimpleNamespace(collect=lambda: None, config=SimpleNamespace(complement_scale=None),
+                               store=SimpleNamespace(groups={"g": group}))
+
+    out = variance.running(backend([0.0, 0.2, 0.05], [0.0, -0.005, 0.05]))
+    assert out == {"g/0": pytest.approx(0.25)}  # no "g/1", no total
+    out = variance.running(backend([0.0, 0.2, 0.05], [0.0, 0.0, 0.0], [0.0, 0.6, 0.05]))
+    assert set(out) == {"g/0", "g/2", "total"} and out["total"] == pytest.approx(0.1 / 0.8)
+
+
 @pytest.fixture(scope="module")
 def trained_mlp():
     torch._dynamo.reset()
