@@ -282,14 +282,14 @@ def variance(args) -> int:
     torch.set_num_threads(args.threads)
     if args.schedule:
         return _variance_along(args)
+    if "minilm" in _names(args.models) and (args.window or args.bias_calls):
+        print("--window and --bias-calls are measured on the bench's own models, not on minilm",
+              file=sys.stderr)
+        return 2
     rows = []
     for m in _names(args.models):
         for v in _names(args.variants):
             if m == "minilm":
-                if args.window or args.bias_calls:
-                    print("--window and --bias-calls are measured on the bench's own models, not "
-                          "on minilm", file=sys.stderr)
-                    return 2
                 rows.append(var.measure_pretrained(v, steps=args.steps, draws=args.draws))
             else:
                 rows.append(var.measure_variant(m, v, steps=args.steps, draws=args.draws,

@@ -91,6 +91,16 @@ def copy_fraction(backend) -> float | None:
     return saved / full if full else None
 
 
+def _train(loss_at, opt, steps: int) -> None:
+    """``steps`` optimizer steps on ``loss_at(step)``; 0: one call at the initial weights and no
+    step (the backend learns its sites and fits its bases, the weights stay)."""
+    for step in range(max(1, steps)):
+        loss_at(step).backward()
+        if steps:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def _measured(model_name: str, variant: str, steps: int, backend, model, loss, draws: int) -> VarianceRow:
     running = pv.running(backend).get("total")
     state = pv.measure(backend, model, loss, fit="state", draws=draws)
@@ -123,12 +133,12 @@ def measure_pretrained(variant: str, *, steps: int, draws: int, batch: int = 16,
     backend = _backend(fn)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(data_seed))
-    for step in range(max(1, steps)):
+
+    def call(step: int) -> torch.Tensor:
         idx = order[(step * batch) % (len(ids) - batch):][:batch]
-        fn(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss.backward()
-        if steps:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        return fn(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+
+    _train(call, opt, steps)
     loss = lambda: model(input_ids=held[0], attention_mask=held[1], labels=held[2]).loss  # noqa: E731
     return _measured("minilm", variant, steps, backend, model, loss, draws)
 
@@ -268,12 +278,12 @@ def measure_variant(model_name: str, variant: str, *, steps: int, draws: int, la
     fn = variants.by_name(variant).make(model)
     backend = _backend(fn)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
-    for _ in range(max(1, steps)):  # steps=0: one call at the initial weights, no step
+
+    def call(_step: int) -> torch.Tensor:
         ids = stream.next()
-        fn(ids, labels=ids).loss.backward()
-        if steps:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        return fn(ids, labels=ids).loss
+
+    _train(call, opt, steps)
     loss = lambda: model(held_out, labels=held_out).loss  # noqa: E731  (eager: the exact gradient)
     row = _measured(model_name, variant, steps, backend, model, loss, draws)
     if window > 0:  # the next training batches, at the weights training left
